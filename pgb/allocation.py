@@ -1,0 +1,166 @@
+"""Adaptive group counts: choose G per sublayer (or drop it) to meet a global sparsity.
+
+A multiple-choice knapsack: each sublayer offers one option per candidate G (all G blocks
+kept, 1/G of its weights) plus "drop" (nothing kept). Phase 1 walks every sublayer down
+the upper convex hull of its (weights kept, importance kept) options, always taking the
+step that loses the least importance per weight saved, and stops before the budget would
+be overshot. Phase 2 removes single weak blocks (least importance per weight first) until
+the budget is met, so the achieved sparsity lands on the target to within one small block.
+A sublayer whose matrices end with no block is dropped.
+
+Example::
+
+    >>> recipe = allocate(groupings, dims, "bert", sparsity=0.5)
+    >>> round(recipe.sparsity(), 3)
+    0.5
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from .arch import SUBLAYERS, Dims
+from .grouping import Grouping
+from .recipe import MatrixPlan, Recipe, SublayerPlan
+
+Key = tuple[int, str]  # (layer, "attn" | "ffn")
+
+
+@dataclass(frozen=True)
+class _Option:
+    groups: int  # 0 means "drop"
+    weights: int
+    value: float
+
+
+def _sizes(dims: Dims) -> dict[str, int]:
+    return {"attn": dims.hidden * dims.hidden, "ffn": dims.hidden * dims.intermediate}
+
+
+def _options(kind: str, by_g: dict[int, Grouping], dims: Dims, allow_drop: bool) -> list[_Option]:
+    n_mats, size = len(SUBLAYERS[kind]), _sizes(dims)[kind]
+    opts = [_Option(g, n_mats * size // g, float(sum(s.sum() for s in gr.block_scores.values())))
+            for g, gr in by_g.items()]
+    if allow_drop:
+        opts.append(_Option(0, 0, 0.0))
+    return _upper_hull(sorted(opts, key=lambda o: -o.weights))
+
+
+def _upper_hull(opts: list[_Option]) -> list[_Option]:
+    """Options on the concave upper hull of value vs weights, by decreasing weights."""
+    hull: list[_Option] = []
+    for o in opts:
+        if hull and o.value >= hull[-1].value:  # cheaper and at least as good: dominates
+            while hull and o.value >= hull[-1].value:
+                hull.pop()
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], o):
+            hull.pop()
+        hull.append(o)
+    return hull
+
+
+def _slope(a: _Option, b: _Option) -> float:
+    """Importance lost per weight saved going from a to b."""
+    return (a.value - b.value) / max(a.weights - b.weights, 1)
+
+
+def allocate(groupings: dict[Key, dict[int, Grouping]], dims: Dims, model_type: str,
+             sparsity: float, uniform: int | None = None, allow_drop: bool = True,
+             tolerance: float = 0.002) -> Recipe:
+    """Choose a grouping per sublayer meeting ``sparsity`` (fraction of encoder linear weights).
+
+    uniform: force this G everywhere (the uniform-G ablation; no drops), then trim blocks.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    total = dims.layers * sum(len(SUBLAYERS[k]) * n for k, n in _sizes(dims).items())
+    budget = (1.0 - sparsity) * total
+    if uniform is not None:
+        choice = {k: uniform for k in groupings}
+        for k, by_g in groupings.items():
+            if uniform not in by_g:
+                raise ValueError(f"uniform G {uniform} is not a candidate for sublayer {k}; "
+                                 f"candidates: {sorted(by_g)}")
+    else:
+        choice = _phase1(groupings, dims, budget, allow_drop)
+    kept = {k: _all_blocks(k[1], g) for k, g in choice.items()}
+    _phase2(groupings, choice, kept, dims, budget, tolerance * total)
+    return _recipe(groupings, choice, kept, dims, model_type)
+
+
+def _phase1(groupings, dims, budget, allow_drop) -> dict[Key, int]:
+    hulls = {k: _options(k[1], by_g, dims, allow_drop) for k, by_g in groupings.items()}
+    pos = dict.fromkeys(hulls, 0)
+    used = sum(h[0].weights for h in hulls.values())
+    heap = [(_slope(h[0], h[1]), k) for k, h in hulls.items() if len(h) > 1]
+    heapq.heapify(heap)
+    while heap and used > budget:
+        _, k = heapq.heappop(heap)
+        a, b = hulls[k][pos[k]], hulls[k][pos[k] + 1]
+        if used - (a.weights - b.weights) < budget:
+            continue  # this step overshoots; phase 2 trims single blocks instead
+        used -= a.weights - b.weights
+        pos[k] += 1
+        if pos[k] + 1 < len(hulls[k]):
+            heapq.heappush(heap, (_slope(hulls[k][pos[k]], hulls[k][pos[k] + 1]), k))
+    return {k: hulls[k][pos[k]].groups for k in hulls}
+
+
+def _all_blocks(kind: str, groups: int) -> dict[str, list[int]]:
+    return {r: list(range(groups)) for r in SUBLAYERS[kind]} if groups else \
+        {r: [] for r in SUBLAYERS[kind]}
+
+
+def _phase2(groupings, choice, kept, dims, budget, slack) -> None:
+    """Drop single weak blocks until the kept weights fit the budget."""
+    size = _sizes(dims)
+    used = sum(size[k[1]] // g * len(SUBLAYERS[k[1]]) for k, g in choice.items() if g)
+    cands = []  # (importance per weight, block weights, key, role, block)
+    for k, g in choice.items():
+        if not g:
+            continue
+        block = size[k[1]] // (g * g)
+        for role, scores in groupings[k][g].block_scores.items():
+            cands += [(float(s) / block, block, k, role, b) for b, s in enumerate(scores)]
+    cands.sort(key=lambda c: c[0])
+    smallest = min((c[1] for c in cands), default=0)
+    for strict in (True, False):  # second pass: whatever it takes to meet the budget
+        for _ratio, block, k, role, b in cands:
+            if used <= budget:
+                return
+            if b not in kept[k][role] or \
+                    (strict and used - block < budget - slack and block > smallest):
+                continue  # too coarse: finer blocks get closer to the budget
+            kept[k][role].remove(b)
+            used -= block
+
+
+def _recipe(groupings, choice, kept, dims, model_type) -> Recipe:
+    plans = []
+    for (layer, kind), g in sorted(choice.items()):
+        if g:  # a kept grouping: its permutations
+            gr = groupings[(layer, kind)][g]
+            inner = tuple(int(i) for i in gr.inner_perm)
+            outer = {r: tuple(int(i) for i in gr.outer_perms[r]) for r in SUBLAYERS[kind]}
+        else:  # dropped: nothing kept, identity orders
+            inner = tuple(range(dims.hidden if kind == "attn" else dims.intermediate))
+            outer = dict.fromkeys(SUBLAYERS[kind], tuple(range(dims.hidden)))
+        mats = {r: MatrixPlan(outer[r], tuple(kept[(layer, kind)][r])) for r in SUBLAYERS[kind]}
+        plans.append(SublayerPlan(layer, kind, g or 1, inner, mats))
+    return Recipe(model_type, dims, tuple(plans))
+
+
+def retained_importance(recipe: Recipe, groupings: dict[Key, dict[int, Grouping]]) -> list[dict]:
+    """Per matrix: name, groups, kept blocks and the fraction of its importance kept."""
+    rows = []
+    for p in recipe.sublayers:
+        gr = groupings[(p.layer, p.kind)].get(p.groups)
+        for role, m in p.matrices.items():
+            kept = float(sum(gr.block_scores[role][b] for b in m.kept)) if m.kept else 0.0
+            total = gr.totals[role] if gr else next(iter(groupings[(p.layer, p.kind)].values()))\
+                .totals[role]
+            rows.append({"name": f"{p.layer}.{role}", "groups": p.groups,
+                         "kept_blocks": len(m.kept),
+                         "retained_importance": kept / max(total, 1e-30)})
+    return rows

@@ -1,0 +1,115 @@
+"""Configuration dataclasses: every knob with its help text, validated on construction.
+
+Unknown keys are errors (``from_dict``); the resolved config is saved beside every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+
+def _help(text: str, default, **kw):
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+class _Base:
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Base):
+    """Fine-tuning (teacher) and re-finetuning (student) settings."""
+
+    epochs: float = _help("passes over the training data (ignored when max_steps is set)", 3.0)
+    max_steps: int | None = _help("stop after this many optimizer steps", None)
+    batch_size: int = _help("examples per optimizer step", 32)
+    lr: float = _help("peak AdamW learning rate", 5e-5)
+    weight_decay: float = _help("AdamW weight decay (not on biases and LayerNorm)", 0.01)
+    warmup_ratio: float = _help("fraction of steps with linear warm-up", 0.1)
+    max_grad_norm: float = _help("gradient clipping norm", 1.0)
+    seed: int = _help("seed of initialisation, shuffling and dropout", 42)
+    kd_alpha: float = _help("weight of the distillation loss (task loss gets 1 - kd_alpha)", 0.9)
+    kd_temperature: float = _help("softmax temperature of the logit distillation", 2.0)
+    checkpoint_every: int = _help("steps between resumable checkpoints (0: never)", 0)
+
+    def __post_init__(self):
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+IMPORTANCE = ("fisher", "magnitude", "activation")
+METHODS = ("pgb", "magnitude", "structured")
+
+
+@dataclass(frozen=True)
+class CompressConfig(_Base):
+    """One-shot compression settings (the pgb method and its ablations)."""
+
+    sparsity: float = _help("fraction of encoder linear weights to remove, in [0, 1)", 0.5)
+    method: str = _help(f"compression method, one of {METHODS}", "pgb")
+    calib_samples: int = _help("training examples used for importance and compensation", 1024)
+    calib_batch_size: int = _help("batch size of the calibration passes", 32)
+    importance: str = _help(f"importance score, one of {IMPORTANCE}", "fisher")
+    permute: bool = _help("search permutations (False: contiguous blocks)", True)
+    uniform_groups: bool = _help("same G everywhere, G = 1 / (1 - sparsity)", False)
+    allow_drop: bool = _help("allow dropping whole sublayers", True)
+    max_groups: int = _help("largest group count considered", 16)
+    search_iters: int = _help("alternating sweeps of the grouping search", 10)
+    compensate: bool = _help("least-squares weight compensation after pruning", True)
+    damping: float = _help("relative damping of the compensation least squares", 0.01)
+    refinetune: bool = _help("re-finetune the compressed model", True)
+    distill: bool = _help("distil from the teacher during re-finetuning", True)
+    refinetune_epochs: float = _help("re-finetuning epochs (ignored with refinetune_steps)", 1.0)
+    refinetune_steps: int | None = _help("re-finetuning optimizer steps", None)
+    refinetune_lr: float = _help("re-finetuning learning rate", 1e-4)
+    max_train_samples: int | None = _help("cap on re-finetuning examples", None)
+    max_length: int = _help("token length of calibration and training examples", 128)
+    batch_size: int = _help("re-finetuning batch size", 32)
+    seed: int = _help("seed of sampling, search and training", 0)
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}; e.g. --sparsity "
+                             "0.5 removes half of the encoder linear weights")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"unknown importance {self.importance!r}; choose one of {IMPORTANCE}")
+        if self.calib_samples < 1:
+            raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        if self.max_groups < 1:
+            raise ValueError(f"max_groups must be >= 1, got {self.max_groups}")
+        if self.refinetune_steps is not None and self.refinetune_steps < 1:
+            raise ValueError(f"refinetune_steps must be >= 1, got {self.refinetune_steps}")
+        if self.refinetune_epochs <= 0:
+            raise ValueError(f"refinetune_epochs must be > 0, got {self.refinetune_epochs}")
+
+    def uniform_g(self) -> int:
+        """The group count of the uniform ablation: largest G with 1 - 1/G <= sparsity."""
+        return max(1, int(1.0 / (1.0 - self.sparsity) + 1e-9))
+
+    def train_config(self) -> TrainConfig:
+        """Re-finetuning settings derived from this config."""
+        return TrainConfig(epochs=self.refinetune_epochs, max_steps=self.refinetune_steps,
+                           batch_size=self.batch_size, lr=self.refinetune_lr, seed=self.seed,
+                           kd_alpha=0.9 if self.distill else 0.0)

@@ -1,0 +1,191 @@
+"""A small, readable training loop: AdamW, linear warm-up and decay, optional distillation.
+
+Used to fine-tune the task teacher and to re-finetune the compressed student (structure
+frozen: only the kept blocks, biases, LayerNorms, embeddings and head train). With a
+teacher, the loss is ``kd_alpha * KD + (1 - kd_alpha) * task``; KD is the KL divergence of
+temperature-softened logits (times T^2) for classification and QA, and the squared error to
+the teacher's prediction for regression.
+
+Under ``torch.distributed`` the model is wrapped in DDP and rank r takes batches
+r, r + world, ... of the same seeded order; resumable checkpoints hold model, optimizer,
+scheduler, RNG and position, so a resumed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python-side torch RNGs (CPU and CUDA)."""
+    torch.manual_seed(seed)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def kd_loss(student_out, teacher_out, temperature: float) -> torch.Tensor:
+    """Distillation loss between two model outputs (classification, regression or QA)."""
+    if hasattr(student_out, "start_logits"):
+        return 0.5 * (_kl(student_out.start_logits, teacher_out.start_logits, temperature)
+                      + _kl(student_out.end_logits, teacher_out.end_logits, temperature))
+    s, t = student_out.logits, teacher_out.logits
+    if s.shape[-1] == 1:  # regression
+        return F.mse_loss(s, t)
+    return _kl(s, t, temperature)
+
+
+def _kl(s: torch.Tensor, t: torch.Tensor, temp: float) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1),
+                    log_target=True, reduction="batchmean") * temp * temp
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _schedule(opt, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch))
+
+
+def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfig,
+          teacher: nn.Module | None = None, progress: bool = True,
+          checkpoint_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train ``model`` in place; returns a summary (steps, final loss, seconds).
+
+    make_batches(epoch) returns that epoch's batches in a seeded order (the same list on
+    every rank). checkpoint_dir with ``cfg.checkpoint_every > 0`` saves resumable state;
+    ``resume=True`` continues from the last one there.
+    """
+    rank, world = distributed()
+    device = next(model.parameters()).device
+    set_seed(cfg.seed)
+    epoch_batches = make_batches(0)
+    per_epoch = max(1, len(epoch_batches) // world)
+    steps = total_steps(cfg, per_epoch)
+    runner = _wrap(model)
+    opt = _optimizer(model, cfg)
+    sched = _schedule(opt, steps, int(cfg.warmup_ratio * steps))
+    state = {"step": 0, "loss": float("nan")}
+    if resume:
+        state = _load_checkpoint(checkpoint_dir, model, opt, sched) or state
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=steps, initial=state["step"], desc="training", disable=not progress or rank)
+    while state["step"] < steps:
+        epoch, offset = divmod(state["step"], per_epoch)
+        batches = epoch_batches if epoch == 0 else make_batches(epoch)
+        for i in range(offset, per_epoch):
+            if state["step"] >= steps:
+                break
+            loss = _step(runner, teacher, batches[i * world + rank], cfg, device)
+            _update(model, opt, sched, cfg)
+            state = {"step": state["step"] + 1, "loss": loss}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if cfg.checkpoint_every and checkpoint_dir and \
+                    state["step"] % cfg.checkpoint_every == 0 and rank == 0:
+                _save_checkpoint(checkpoint_dir, model, opt, sched, state)
+    bar.close()
+    model.eval()
+    return {"steps": state["step"], "final_loss": state["loss"],
+            "seconds": time.perf_counter() - start}
+
+
+def _wrap(model: nn.Module) -> nn.Module:
+    if distributed()[1] > 1:
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def _step(runner, teacher, batch, cfg: TrainConfig, device) -> float:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = runner(**batch)
+    loss = out.loss
+    if teacher is not None and cfg.kd_alpha > 0:
+        with torch.no_grad():
+            t_out = teacher(**{k: v for k, v in batch.items()
+                               if not k.endswith(("labels", "positions"))})
+        loss = cfg.kd_alpha * kd_loss(out, t_out, cfg.kd_temperature) \
+            + (1 - cfg.kd_alpha) * loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}; lower the learning "
+                                 f"rate (now {cfg.lr}) or check the labels")
+    loss.backward()
+    return float(loss.detach())
+
+
+def _update(model, opt, sched, cfg: TrainConfig) -> None:
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+CHECKPOINT = "train_state.pt"
+
+
+def _save_checkpoint(folder, model, opt, sched, state) -> None:
+    """Atomically write resumable training state (written to a temp file, then renamed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CHECKPOINT + ".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "state": state,
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, folder / CHECKPOINT)
+
+
+def _load_checkpoint(folder, model, opt, sched) -> dict | None:
+    path = Path(folder or ".") / CHECKPOINT
+    if not path.exists():
+        log.warning("no checkpoint at %s: starting from step 0", path)
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"cannot read training checkpoint {path}: {err}; delete it to "
+                         "start over") from err
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    torch.set_rng_state(ckpt["rng"])
+    log.info("resumed from %s at step %d", path, ckpt["state"]["step"])
+    return ckpt["state"]

@@ -1,0 +1,126 @@
+"""Per-weight importance of every encoder matrix, from a calibration sample of the task.
+
+- ``fisher`` (default): diagonal empirical Fisher of the task loss,
+  s_ij = sum over calibration batches of (w_ij * dL/dw_ij)^2.
+- ``magnitude``: |w_ij|.
+- ``activation``: |w_ij| * ||x_j||, x_j the j-th input of the matrix over the calibration
+  tokens (padding excluded), as in Wanda.
+
+Scores come back as ``{"<layer>.<role>": tensor (out, in)}`` on the CPU in float64. Under
+``torch.distributed`` each rank scores its own shard of the calibration batches and the
+sums are all-reduced, so every rank ends with the scores of the whole sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import MATRICES, dims_of, get_matrix
+
+log = logging.getLogger(__name__)
+METHODS = ("fisher", "magnitude", "activation")
+
+
+def matrix_names(model: nn.Module) -> list[str]:
+    """``"<layer>.<role>"`` for every prunable matrix, in layer order."""
+    return [f"{layer}.{role}" for layer in range(dims_of(model).layers) for role in MATRICES]
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    layer, role = name.split(".")
+    return get_matrix(model, int(layer), role)
+
+
+def importance_scores(model: nn.Module, batches: Iterable[dict], method: str = "fisher",
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """Importance of every weight of every encoder matrix (see module docstring)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown importance method {method!r}; choose one of {METHODS}")
+    names = matrix_names(model)
+    if method == "magnitude":
+        scores = {n: _linear(model, n).weight.detach().abs().double().cpu() for n in names}
+    elif method == "activation":
+        scores = _activation_scores(model, names, batches, progress)
+    else:
+        scores = _fisher_scores(model, names, batches, progress)
+    check_finite(scores, "importance scores")
+    return scores
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise when any tensor holds NaN or inf (a diverged model or corrupted data)."""
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what} of {name} contain NaN or inf; the model or the "
+                             "calibration data is broken (check the checkpoint and the labels)")
+
+
+def _fisher_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
+    weights = {n: _linear(model, n).weight for n in names}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():  # gradients only where scores are needed
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    sums = {n: torch.zeros(w.shape, dtype=torch.float64, device=w.device)
+            for n, w in weights.items()}
+    was_training = model.training
+    model.eval()  # no dropout: scores are a deterministic function of the sample
+    try:
+        for batch in tqdm(batches, desc="importance (fisher)", disable=not progress):
+            loss = model(**_to(batch, model)).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for (n, w), g in zip(weights.items(), grads, strict=True):
+                sums[n] += (w.detach() * g).double().pow(2)
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {n: _all_reduce(s).cpu() for n, s in sums.items()}
+
+
+def _activation_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
+    sq = {}
+    mask_box: list[torch.Tensor] = []
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0].detach()
+            keep = mask_box[0].reshape(-1).bool() if mask_box else None
+            x = x.reshape(-1, x.shape[-1])
+            x = x[keep] if keep is not None and keep.numel() == x.shape[0] else x
+            sq[name] = sq.get(name, 0) + x.double().pow(2).sum(0)
+        return fn
+
+    handles = [_linear(model, n).register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="importance (activation)", disable=not progress):
+                batch = _to(batch, model)
+                mask_box[:] = [batch["attention_mask"]] if "attention_mask" in batch else []
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: (_linear(model, n).weight.detach().abs().double()
+                * _all_reduce(sq[n]).sqrt().unsqueeze(0)).cpu() for n in names}
+
+
+def _to(batch: dict, model: nn.Module) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks when running under torch.distributed; identity otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t

@@ -1,0 +1,71 @@
+"""Allocator: budget met, importance-aware choices, drops, uniform ablation."""
+
+import numpy as np
+import pytest
+
+from pgb.allocation import allocate, retained_importance
+from pgb.arch import Dims
+from pgb.grouping import candidate_groups, search_sublayer
+
+DIMS = Dims(layers=3, hidden=24, heads=4, intermediate=48)
+
+
+def groupings_for(rng, weak_layer=None):
+    out = {}
+    for layer in range(DIMS.layers):
+        scale = 1e-6 if layer == weak_layer else 1.0
+        for kind, roles, inner in (("attn", ("query", "key", "value", "attn_out"), 24),
+                                   ("ffn", ("ffn_in", "ffn_out"), 48)):
+            scores = {r: rng.random((inner, 24)) ** 3 * scale for r in roles}
+            heads = DIMS.heads if kind == "attn" else None
+            out[(layer, kind)] = {g: search_sublayer(scores, g, heads=heads)
+                                  for g in candidate_groups(kind, DIMS)}
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.875])
+def test_budget_is_met_within_half_a_point(sparsity):
+    recipe = allocate(groupings_for(np.random.default_rng(0)), DIMS, "bert", sparsity)
+    assert abs(recipe.sparsity() - sparsity) <= 0.005
+    recipe.validate()
+
+
+def test_unimportant_layer_is_dropped_first():
+    # layer 1 is a third of the weights: dropping it alone meets the target
+    recipe = allocate(groupings_for(np.random.default_rng(1), weak_layer=1), DIMS, "bert", 0.333)
+    assert set(recipe.dropped_sublayers()) == {"1.attn", "1.ffn"}
+    assert not {"0.attn", "0.ffn", "2.attn", "2.ffn"} & set(recipe.dropped_sublayers())
+
+
+def test_no_drop_when_disallowed():
+    recipe = allocate(groupings_for(np.random.default_rng(1), weak_layer=1), DIMS, "bert", 0.5,
+                      allow_drop=False)
+    assert all(p.groups > 1 for p in recipe.sublayers if p.layer == 1)
+
+
+def test_uniform_groups_everywhere():
+    recipe = allocate(groupings_for(np.random.default_rng(2)), DIMS, "bert", 0.75, uniform=4)
+    assert {p.groups for p in recipe.sublayers} == {4}
+    assert recipe.sparsity() == pytest.approx(0.75)
+    assert recipe.dropped_sublayers() == []
+
+
+def test_uniform_group_must_be_a_candidate():
+    with pytest.raises(ValueError, match="uniform G 5"):
+        allocate(groupings_for(np.random.default_rng(2)), DIMS, "bert", 0.8, uniform=5)
+
+
+def test_sparsity_out_of_range():
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.3"):
+        allocate({}, DIMS, "bert", 1.3)
+
+
+def test_retained_importance_rows():
+    gr = groupings_for(np.random.default_rng(3))
+    recipe = allocate(gr, DIMS, "bert", 0.5)
+    rows = retained_importance(recipe, gr)
+    assert len(rows) == DIMS.layers * 6
+    assert all(0.0 <= r["retained_importance"] <= 1.0 + 1e-9 for r in rows)
+    full = allocate(gr, DIMS, "bert", 0.0)
+    assert all(r["retained_importance"] == pytest.approx(1.0)
+               for r in retained_importance(full, gr))

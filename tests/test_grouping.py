@@ -1,0 +1,105 @@
+"""Grouping search: known answers on planted block structure, validity, monotonicity."""
+
+import numpy as np
+import pytest
+
+from pgb.arch import Dims
+from pgb.grouping import balanced_assign, candidate_groups, search_sublayer
+
+
+def planted(rng, n, h, groups, noise=0.05):
+    """Importance with strong mass on G diagonal blocks, weak noise elsewhere."""
+    s = rng.random((n, h)) * noise
+    for b in range(groups):
+        s[b * n // groups:(b + 1) * n // groups, b * h // groups:(b + 1) * h // groups] += 1.0
+    return s
+
+
+def blocks_of(g, role, n, h):
+    """Sets of (inner, outer) index pairs per block of a Grouping."""
+    G = g.groups
+    inner, outer = g.inner_perm, g.outer_perms[role]
+    return {(frozenset(inner[b * n // G:(b + 1) * n // G]),
+             frozenset(outer[b * h // G:(b + 1) * h // G])) for b in range(G)}
+
+
+@pytest.mark.parametrize("n,h,G", [(36, 12, 3), (148, 12, 4), (96, 24, 8)])
+def test_planted_blocks_are_recovered_exactly_after_shuffling(n, h, G):
+    rng = np.random.default_rng(n)
+    s1, s2 = planted(rng, n, h, G), planted(rng, n, h, G)
+    p_in, p1, p2 = rng.permutation(n), rng.permutation(h), rng.permutation(h)
+    scores = {"ffn_in": s1[p_in][:, p1], "ffn_out": s2[p_in][:, p2]}
+    g = search_sublayer(scores, G)
+    # the true blocks, in shuffled coordinates
+    inv_in, inv1, inv2 = np.argsort(p_in), np.argsort(p1), np.argsort(p2)
+    for role, inv in (("ffn_in", inv1), ("ffn_out", inv2)):
+        truth = {(frozenset(inv_in[b * n // G:(b + 1) * n // G]),
+                  frozenset(inv[b * h // G:(b + 1) * h // G])) for b in range(G)}
+        assert blocks_of(g, role, n, h) == truth
+
+
+def test_permutations_valid_and_scores_consistent():
+    rng = np.random.default_rng(1)
+    scores = {"query": rng.random((24, 24)), "attn_out": rng.random((24, 24))}
+    g = search_sublayer(scores, 4, heads=6)
+    assert sorted(g.inner_perm) == list(range(24))
+    for role, s in scores.items():
+        assert sorted(g.outer_perms[role]) == list(range(24))
+        mask = np.zeros_like(s)
+        for b in range(4):
+            mask[np.ix_(g.inner_perm[b * 6:(b + 1) * 6], g.outer_perms[role][b * 6:(b + 1) * 6])] = 1
+        assert np.isclose((s * mask).sum(), g.block_scores[role].sum())
+        assert np.isclose(g.totals[role], s.sum())
+
+
+def test_search_never_worse_than_contiguous_blocks():
+    rng = np.random.default_rng(2)
+    for G in (2, 3, 4, 6):
+        scores = {"ffn_in": rng.random((60, 12)) ** 4, "ffn_out": rng.random((60, 12)) ** 4}
+        assert search_sublayer(scores, G).retained() >= \
+            search_sublayer(scores, G, permute=False).retained() - 1e-12
+
+
+def test_heads_stay_contiguous_when_whole_heads_are_grouped():
+    rng = np.random.default_rng(3)
+    heads, hs = 6, 4
+    scores = {r: rng.random((24, 24)) for r in ("query", "key", "value", "attn_out")}
+    g = search_sublayer(scores, 3, heads=heads)
+    slots = g.inner_perm.reshape(heads, hs)
+    for slot in slots:  # each head slot holds the dims of one original head, in order
+        assert len(set(slot // hs)) == 1
+        assert list(slot) == sorted(slot)
+
+
+def test_bands_that_split_heads_keep_each_head_in_its_slot():
+    rng = np.random.default_rng(4)
+    scores = {r: rng.random((12, 12)) for r in ("query", "attn_out")}
+    g = search_sublayer(scores, 4, heads=3)  # bands of 3 dims, heads of 4 dims
+    head_of_position = g.inner_perm // 4
+    assert list(head_of_position) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_fixed_head_order_keeps_heads_in_place():
+    rng = np.random.default_rng(5)
+    scores = {r: rng.random((12, 12)) for r in ("query", "attn_out")}
+    g = search_sublayer(scores, 3, heads=3, fixed_head_order=True)
+    assert list(g.inner_perm // 4) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_balanced_assign_is_optimal_on_small_case():
+    scores = np.array([[5.0, 1.0], [4.0, 0.0], [3.0, 3.5], [0.0, 1.0]])
+    # exactly two per band: best is {0,1}->0, {2,3}->1: 5+4+3.5+1
+    assert list(balanced_assign(scores, 2)) == [0, 0, 1, 1]
+
+
+def test_bad_group_count_is_rejected():
+    with pytest.raises(ValueError, match="groups 5 must divide"):
+        search_sublayer({"ffn_in": np.ones((12, 8))}, 5)
+
+
+def test_candidate_groups_divide_both_sizes():
+    dims = Dims(layers=2, hidden=384, heads=12, intermediate=1536)
+    assert candidate_groups("ffn", dims) == [1, 2, 3, 4, 6, 8, 12, 16]
+    odd = Dims(layers=2, hidden=36, heads=4, intermediate=74)
+    assert candidate_groups("ffn", odd) == [1, 2]
+    assert candidate_groups("attn", odd) == [1, 2, 3, 4, 6, 12]
