@@ -86,6 +86,7 @@ class CompressConfig(_Base):
     max_length: int = _help("token length of calibration and training examples", 128)
     batch_size: int = _help("re-finetuning batch size", 32)
     seed: int = _help("seed of sampling, search and training", 0)
+    checkpoint_every: int = _help("re-finetuning steps between resumable checkpoints", 100)
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -112,4 +113,5 @@ class CompressConfig(_Base):
         """Re-finetuning settings derived from this config."""
         return TrainConfig(epochs=self.refinetune_epochs, max_steps=self.refinetune_steps,
                            batch_size=self.batch_size, lr=self.refinetune_lr, seed=self.seed,
-                           kd_alpha=0.9 if self.distill else 0.0)
+                           kd_alpha=0.9 if self.distill else 0.0,
+                           checkpoint_every=self.checkpoint_every)

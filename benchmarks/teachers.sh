@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fine-tune the MiniLM-L6 task teachers used by every benchmark, then copy their
+# metrics.json into benchmarks/results/teachers/. Usage: bash benchmarks/teachers.sh [TASK...]
+# Teachers land in runs/teachers/<task> (ignored by git); an existing teacher is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+DATA=${PGB_DATA_DIR:-../shared/data}
+mkdir -p runs/teachers benchmarks/results/teachers
+teacher() {  # task, then extra finetune flags
+  local task=$1; shift
+  if [[ ! -f runs/teachers/$task/metrics.json ]]; then
+    pgb -q finetune --task "$task" --data-dir "$DATA" --out "runs/teachers/$task" "$@"
+  fi
+  cp "runs/teachers/$task/metrics.json" "benchmarks/results/teachers/$task.json"
+}
+tasks=${*:-"mrpc stsb sst2 cola squad"}
+for t in $tasks; do
+  case $t in
+    mrpc) teacher mrpc --epochs 5 --lr 1e-4 --batch-size 32 ;;
+    stsb) teacher stsb --epochs 4 --lr 1e-4 --batch-size 32 ;;
+    sst2) teacher sst2 --epochs 1 --lr 1e-4 --batch-size 32 ;;
+    cola) teacher cola --epochs 4 --lr 1e-4 --batch-size 32 ;;
+    squad) teacher squad --epochs 2 --lr 1e-4 --batch-size 16 --max-train-samples 6000 ;;
+    *) echo "unknown task $t" >&2; exit 2 ;;
+  esac
+done

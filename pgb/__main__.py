@@ -1,0 +1,7 @@
+"""``python -m pgb``: the same as the ``pgb`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Saving and loading the compact checkpoint format.
+
+A compact pgb folder holds ``config.json`` (the transformers config, with ``pgb_task``),
+``recipe.json`` (kept blocks and permutations), ``model.safetensors`` (only kept blocks,
+index maps and the dense non-encoder tensors), ``pgb.json`` (format and version) and the
+tokenizer. ``load`` rebuilds the model from these alone: no teacher, no re-pruning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig
+
+from . import __version__
+from .arch import dims_of
+from .recipe import Recipe
+from .surgery import to_compact
+
+log = logging.getLogger(__name__)
+FORMAT = "pgb-compact"
+WEIGHTS = "model.safetensors"
+
+
+def save_compact(model: nn.Module, tokenizer, folder: str | Path) -> None:
+    """Write a compact model (as built by ``to_compact``) into an existing folder."""
+    folder = Path(folder)
+    recipe: Recipe = model.pgb_recipe
+    model.config.save_pretrained(folder)
+    recipe.save(folder / "recipe.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_unshare(state), str(folder / WEIGHTS), metadata={"format": FORMAT})
+    (folder / "pgb.json").write_text(json.dumps({"format": FORMAT, "pgb_version": __version__,
+                                                 "torch": torch.__version__,
+                                                 "transformers": transformers.__version__}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): give each its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def load(folder: str | Path) -> nn.Module:
+    """Rebuild a compact pgb model from its folder (no teacher, no re-pruning)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no pgb model folder at {folder}")
+    for name in ("config.json", "recipe.json", WEIGHTS):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} is not a pgb checkpoint: {name} is missing "
+                             "(expected the output folder of `pgb compress`)")
+    config = AutoConfig.from_pretrained(folder)
+    recipe = Recipe.load(folder / "recipe.json")
+    model = _skeleton(config, recipe, folder)
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as err:  # safetensors raises its own error types on truncation
+        raise ValueError(f"corrupted checkpoint {folder / WEIGHTS}: {err}; "
+                         "re-run `pgb compress` to produce it again") from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder / WEIGHTS} does not match its recipe: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def _skeleton(config, recipe: Recipe, folder: Path) -> nn.Module:
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch or "", None)
+    if cls is None:
+        raise ValueError(f"{folder}/config.json names architecture {arch!r}, unknown to "
+                         f"transformers {transformers.__version__}")
+    if config.model_type != recipe.model_type:
+        raise ValueError(f"recipe is for {recipe.model_type!r} but the config is "
+                         f"{config.model_type!r}: the folder mixes two models")
+    model = cls(config)
+    if dims_of(model) != recipe.dims:
+        raise ValueError(f"recipe dims {recipe.dims} do not match the model {dims_of(model)}")
+    return to_compact(model, recipe)

@@ -1,0 +1,145 @@
+"""Command line: one parser and one handler per command; ``main(argv) -> int``.
+
+Commands print their result as one JSON object on the last line of stdout; progress and
+logs go to stderr (and to ``OUT/log.txt`` for commands that write a folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("pgb")
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, "
+                   "wnli, squad, squad_v2, or custom (with --train-file ...)")
+    p.add_argument("--data-dir", help="local data folder (default: $PGB_DATA_DIR, else the hub)")
+    p.add_argument("--train-file", help="custom task: training file (csv, tsv, jsonl, parquet)")
+    p.add_argument("--validation-file", help="custom task: validation file")
+    p.add_argument("--text-columns", help="custom task: one or two comma-separated columns")
+    p.add_argument("--label-column", default="label", help="custom task: label column")
+    p.add_argument("--regression", action="store_true", help="custom task: numeric labels")
+
+
+def _out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-train-samples", type=int, help="train on a seeded subset")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=42)
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="fraction of encoder linear weights to remove, in [0, 1)")
+    p.add_argument("--method", default="pgb", help="pgb, magnitude or structured")
+    p.add_argument("--calib-samples", type=int, default=1024)
+    p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")
+    p.add_argument("--no-permutation", action="store_true", help="ablation: contiguous blocks")
+    p.add_argument("--uniform-groups", action="store_true", help="ablation: one G everywhere")
+    p.add_argument("--no-drop", action="store_true", help="never drop a whole sublayer")
+    p.add_argument("--no-compensation", action="store_true")
+    p.add_argument("--no-refinetune", action="store_true")
+    p.add_argument("--no-distill", action="store_true", help="re-finetune on the task loss only")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--refinetune-epochs", type=float, default=1.0)
+    group.add_argument("--refinetune-steps", type=int)
+    p.add_argument("--refinetune-lr", type=float, default=1e-4)
+    p.add_argument("--max-train-samples", type=int, help="re-finetune on a seeded subset")
+    p.add_argument("--max-groups", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted re-finetune from OUT's checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgb", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pgb {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("finetune", help="fine-tune a task teacher")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: packaged MiniLM-L6)")
+    _task_args(p)
+    _out_args(p)
+    _train_args(p)
+    p = sub.add_parser("evaluate", help="dev metrics of a model (JSON on the last line)")
+    p.add_argument("--model", help="model folder (teacher or pgb output)")
+    _task_args(p)
+    p.add_argument("--split", help="split to score (default: the task's dev split(s))")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("compress", help="compress a fine-tuned teacher")
+    p.add_argument("--model", required=True, help="the fine-tuned teacher folder")
+    _task_args(p)
+    _out_args(p)
+    _compress_args(p)
+    p = sub.add_parser("run", help="fine-tune (if needed), compress, evaluate, summarise")
+    p.add_argument("--model", help="base or fine-tuned model (default: packaged MiniLM-L6)")
+    _task_args(p)
+    _out_args(p)
+    _compress_args(p)
+    p.add_argument("--teacher-epochs", type=float, default=3.0)
+    p.add_argument("--teacher-max-train-samples", type=int)
+    sub.add_parser("env", help="versions for bug reports")
+    from .cli_tools import add_tool_parsers
+
+    add_tool_parsers(sub)
+    return parser
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """Configure pgb's logger once, at the entry point (stderr)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("pgb")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def mirror_log(folder: Path) -> logging.Handler:
+    """Also write pgb's log to ``folder/log.txt``."""
+    handler = logging.FileHandler(folder / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("pgb").addHandler(handler)
+    return handler
+
+
+def emit(result: dict) -> None:
+    """Print the command's result as one JSON object on the last line of stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        result = handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"pgb {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pgb {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    if result is not None:
+        emit(result)
+    return 0

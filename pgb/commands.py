@@ -1,0 +1,222 @@
+"""Handlers of the main commands: finetune, evaluate, compress, run, env.
+
+Each takes the parsed arguments, calls the library, and returns the JSON-able result that
+the CLI prints on the last line of stdout. Output folders are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import CompressConfig, TrainConfig
+from .outputs import atomic_folder, check_output
+
+log = logging.getLogger(__name__)
+
+
+def task_from_args(args):
+    """The Task named by --task (custom tasks built from --text-columns/--label-column)."""
+    from .tasks import custom_task, get_task
+
+    if args.task != "custom":
+        return get_task(args.task), None
+    if not args.train_file or not args.text_columns:
+        raise ValueError("--task custom needs --train-file, --validation-file and "
+                         "--text-columns (and --label-column if it is not 'label')")
+    files = {"train": args.train_file}
+    if args.validation_file:
+        files["validation"] = args.validation_file
+    cols = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+    task = custom_task(cols, args.label_column,
+                       kind="regression" if args.regression else "classification")
+    return task, files
+
+
+def _resolve_labels(task, data):
+    from .data import with_data_labels
+
+    return with_data_labels(task, data) if task.name == "custom" else task
+
+
+def _versions() -> dict:
+    import numpy
+    import scipy
+    import torch
+    import transformers
+
+    return {"pgb": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "scipy": scipy.__version__, "platform": platform.platform()}
+
+
+def cmd_env(args) -> dict:
+    import torch
+
+    info = _versions()
+    info.update({"cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+                 "hf_hub_offline": __import__("os").environ.get("HF_HUB_OFFLINE")})
+    for key, value in info.items():
+        print(f"{key:>14}: {value}", file=sys.stderr)
+    return info
+
+
+def cmd_evaluate(args) -> dict:
+    from .evaluation import evaluate
+    from .modeling import load_task_model
+
+    task, files = task_from_args(args)
+    if task.name == "custom":
+        from .data import load_split
+
+        task = _resolve_labels(task, load_split(task, "train", files=files))
+    model, tok, _ = load_task_model(args.model, task)
+    return evaluate(model, task, tok, args.data_dir, split=args.split, files=files,
+                    batch_size=args.batch_size, max_samples=args.max_samples,
+                    progress=not args.quiet)
+
+
+def cmd_finetune(args) -> dict:
+    out = check_output(args.out, args.overwrite, inputs=(args.model,))
+    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed)
+    return finetune_teacher(args, cfg, out)
+
+
+def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None = None) -> dict:
+    """Fine-tune a teacher for the task and save it (HF folder + metrics.json) at ``out``."""
+    from .cli import mirror_log
+    from .evaluation import evaluate
+    from .finetune import set_seed, train
+    from .modeling import load_task_model, load_tokenizer, resolve_model
+    from .taskdata import TaskData
+
+    task, files = task_from_args(args)
+    set_seed(cfg.seed)
+    tok = load_tokenizer(resolve_model(model_name or args.model))
+    data = TaskData(task, tok, args.data_dir, files, args.max_length,
+                    max_samples=args.max_train_samples, seed=cfg.seed)
+    task = _resolve_labels(task, data.train_df)
+    data.task = task
+    model, tok, path = load_task_model(model_name or args.model, task)
+    with atomic_folder(out, args.overwrite) as tmp:
+        handler = mirror_log(tmp)
+        log.info("fine-tuning %s on %s (%d train features) -> %s", path, task.name,
+                 len(data.train), out)
+        info = train(model, data.epoch_batches(cfg.batch_size, cfg.seed), cfg,
+                     progress=not args.quiet)
+        metrics = evaluate(model, task, tok, args.data_dir, files=files, progress=not args.quiet)
+        model.config.pgb_task = task.name
+        if task.label_names and task.kind == "classification":
+            model.config.id2label = dict(enumerate(task.label_names))
+            model.config.label2id = {n: i for i, n in enumerate(task.label_names)}
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        record = {"task": task.name, "model": path, "metrics": metrics, "train": info,
+                  "config": cfg.to_dict(), "max_train_samples": args.max_train_samples,
+                  "max_length": args.max_length, "train_features": len(data.train),
+                  "versions": _versions(), "command": " ".join(["pgb", *sys.argv[1:]])}
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
+        logging.getLogger("pgb").removeHandler(handler)
+        handler.close()
+    log.info("teacher saved to %s: %s", out, metrics)
+    return metrics
+
+
+def compress_config(args) -> CompressConfig:
+    return CompressConfig(
+        sparsity=args.sparsity, method=args.method, calib_samples=args.calib_samples,
+        importance=args.importance, permute=not args.no_permutation,
+        uniform_groups=args.uniform_groups, allow_drop=not args.no_drop,
+        max_groups=args.max_groups, compensate=not args.no_compensation,
+        refinetune=not args.no_refinetune, distill=not args.no_distill,
+        refinetune_epochs=args.refinetune_epochs, refinetune_steps=args.refinetune_steps,
+        refinetune_lr=args.refinetune_lr, max_train_samples=args.max_train_samples,
+        seed=args.seed)
+
+
+def cmd_compress(args) -> dict:
+    cfg = compress_config(args)
+    out = check_output(args.out, args.overwrite or args.resume, inputs=(args.model,))
+    return compress_teacher(args, cfg, out, args.model)
+
+
+def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) -> dict:
+    """Compress the teacher at ``teacher_path`` and write the compact folder at ``out``."""
+    from .checkpoint import save_compact
+    from .cli import mirror_log
+    from .modeling import load_task_model
+    from .pipeline import run_method
+    from .taskdata import TaskData
+
+    task, files = task_from_args(args)
+    teacher, tok, path = load_task_model(teacher_path, task)
+    data = TaskData(task, tok, args.data_dir, files, cfg.max_length,
+                    max_samples=cfg.max_train_samples, seed=cfg.seed)
+    with atomic_folder(out, True if args.resume else args.overwrite) as tmp:
+        handler = mirror_log(tmp)
+        result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
+                            checkpoint_dir=out.parent / f".{out.name}.resume",
+                            resume=args.resume)
+        result.report.update({"teacher": path, "versions": _versions(),
+                              "command": " ".join(["pgb", *sys.argv[1:]])})
+        save_compact(result.model, tok, tmp) if hasattr(result.model, "pgb_recipe") \
+            else _save_plain(result.model, tok, tmp, task)
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
+        (tmp / "config.pgb.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        logging.getLogger("pgb").removeHandler(handler)
+        handler.close()
+    return _summary(result.report)
+
+
+def _save_plain(model, tok, folder: Path, task) -> None:
+    """Methods whose result is a plain transformers model (magnitude, structured)."""
+    model.config.pgb_task = task.name
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def _summary(report: dict) -> dict:
+    keys = ("method", "target_sparsity", "achieved_sparsity", "params_before", "params_after",
+            "flops_ratio", "stage_seconds", "dropped_sublayers", "teacher_metrics", "metrics")
+    return {k: report[k] for k in keys if k in report}
+
+
+def cmd_run(args) -> dict:
+    """Fine-tune the teacher when needed, compress, evaluate, and summarise side by side."""
+    from .modeling import is_tuned_for
+
+    task, _ = task_from_args(args)
+    out = check_output(args.out, args.overwrite, inputs=(args.model,))
+    cfg = compress_config(args)
+    teacher = args.model
+    if teacher is None or not is_tuned_for(teacher, task):
+        teacher_dir = out.parent / f"{out.name}-teacher"
+        if teacher_dir.exists() and is_tuned_for(str(teacher_dir), task):
+            log.info("reusing the teacher at %s", teacher_dir)
+        else:
+            tcfg = TrainConfig(epochs=args.teacher_epochs, seed=args.seed + 42)
+            args.max_train_samples_backup = args.max_train_samples
+            args.max_train_samples = args.teacher_max_train_samples
+            args.max_length = 128
+            finetune_teacher(args, tcfg, check_output(teacher_dir, args.overwrite))
+            args.max_train_samples = args.max_train_samples_backup
+        teacher = str(teacher_dir)
+    summary = compress_teacher(args, cfg, out, teacher)
+    _print_side_by_side(summary)
+    return summary
+
+
+def _print_side_by_side(s: dict) -> None:
+    t, m = s.get("teacher_metrics", {}), s.get("metrics", {})
+    rows = [("params", s.get("params_before"), s.get("params_after")),
+            ("encoder FLOPs (rel.)", 1.0, round(s.get("flops_ratio", float("nan")), 3))]
+    rows += [(k, round(t[k], 4), round(m.get(k, float("nan")), 4)) for k in t if k in m
+             and k != "samples"]
+    print(f"{'':>22} {'teacher':>12} {'compressed':>12}", file=sys.stderr)
+    for name, a, b in rows:
+        print(f"{name:>22} {a!s:>12} {b!s:>12}", file=sys.stderr)

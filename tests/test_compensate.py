@@ -1,0 +1,83 @@
+"""Compensation: exact when nothing is pruned, reduces reconstruction error, bias-only drops."""
+
+import copy
+
+import torch
+from test_surgery import make_recipe
+from tiny import tiny_batch, tiny_model
+
+from pgb.arch import get_matrix
+from pgb.compensate import apply_masks, compensate
+
+
+def calib(n=4):
+    return [tiny_batch(n=6, length=13, seed=s) for s in range(n)]
+
+
+def hidden(model, batches):
+    """Last hidden states of every valid token of the calibration batches."""
+    outs = []
+    with torch.no_grad():
+        for b in batches:
+            h = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            outs.append(h.last_hidden_state[b["attention_mask"].bool()])
+    return torch.cat(outs)
+
+
+def test_nothing_pruned_gives_back_the_teacher():
+    teacher = tiny_model("bert").double()
+    recipe = make_recipe(teacher, 0.0)
+    student = copy.deepcopy(teacher)
+    apply_masks(student, recipe)
+    for layer in range(2):  # perturb the matrices: compensation must undo it
+        for role in ("query", "value", "ffn_in", "ffn_out"):
+            get_matrix(student, layer, role).weight.data.add_(0.05)
+    compensate(student, teacher, recipe, calib(6), damping=1e-10, progress=False)
+    # LayerNorm outputs satisfy one linear relation, so weights are fixed only up to it;
+    # the function is exact, on the calibration data and on new inputs alike
+    fresh = [tiny_batch(n=5, length=9, seed=99)]
+    assert torch.allclose(hidden(student, fresh), hidden(teacher, fresh), atol=1e-6)
+    assert torch.allclose(get_matrix(student, 1, "ffn_out").bias,
+                          get_matrix(teacher, 1, "ffn_out").bias, atol=1e-6)
+
+
+def test_compensation_reduces_reconstruction_error():
+    teacher = tiny_model("bert")
+    recipe = make_recipe(teacher, 0.6)
+    masked = copy.deepcopy(teacher)
+    apply_masks(masked, recipe)
+    fixed = copy.deepcopy(masked)
+    batches = calib()
+    compensate(fixed, teacher, recipe, batches, progress=False)
+    target = hidden(teacher, batches)
+    before = (hidden(masked, batches) - target).pow(2).mean()
+    after = (hidden(fixed, batches) - target).pow(2).mean()
+    assert after < 0.7 * before
+    for p in recipe.sublayers:  # structure kept: no weight outside kept blocks
+        for role in p.matrices:
+            w = get_matrix(fixed, p.layer, role).weight
+            assert torch.all(w[p.mask(role) == 0] == 0)
+
+
+def test_dropped_ffn_gets_the_mean_teacher_branch_as_bias():
+    teacher = tiny_model("bert")
+    recipe = make_recipe(teacher, 0.3, weak=("1.ffn",))
+    assert "1.ffn" in recipe.dropped_sublayers()
+    student = copy.deepcopy(teacher)
+    apply_masks(student, recipe)
+    batches = calib()
+    compensate(student, teacher, recipe, batches, progress=False)
+    # recompute the mean teacher FFN branch of layer 1 on the student's FFN inputs
+    seen = []
+    hook = get_matrix(student, 1, "ffn_in").register_forward_pre_hook(
+        lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    hook.remove()
+    layer = teacher.bert.encoder.layer[1]
+    with torch.no_grad():
+        branch = [layer.output.dense(layer.intermediate(x))[b["attention_mask"].bool()]
+                  for x, b in zip(seen, batches, strict=True)]
+    mean = torch.cat(branch).mean(0)
+    assert torch.allclose(get_matrix(student, 1, "ffn_out").bias, mean, atol=1e-4)

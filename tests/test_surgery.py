@@ -1,0 +1,123 @@
+"""Surgery equivalences: compact == masked dense; permute-only is exact; densify; drops."""
+
+import copy
+
+import pytest
+import torch
+from tiny import FAMILIES, random_scores, tiny_batch, tiny_model
+
+from pgb.allocation import allocate
+from pgb.arch import dims_of, get_matrix
+from pgb.compensate import apply_masks
+from pgb.config import CompressConfig
+from pgb.grouped_linear import GroupedLinear
+from pgb.pipeline import search_groupings
+from pgb.recipe import MatrixPlan, Recipe, SublayerPlan
+from pgb.surgery import ConstantOutput, DroppedAttention, densify, to_compact
+
+
+def make_recipe(model, sparsity, weak=(), seed=0, **cfg):
+    scores = random_scores(model, seed=seed, weak=weak)
+    groupings = search_groupings(scores, model, CompressConfig(sparsity=sparsity, **cfg),
+                                 progress=False)
+    return allocate(groupings, dims_of(model), model.config.model_type, sparsity)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_compact_equals_masked_dense(family, sparsity):
+    model = tiny_model(family)
+    recipe = make_recipe(model, sparsity, weak=("1.attn",))
+    masked = copy.deepcopy(model)
+    apply_masks(masked, recipe)
+    compact = to_compact(copy.deepcopy(masked), recipe)
+    batch = tiny_batch()
+    ref = logits(masked, batch)
+    assert torch.allclose(logits(compact, batch), ref, atol=1e-5)
+    assert torch.allclose(logits(densify(compact), batch), ref, atol=1e-5)
+    # the weights outside kept blocks play no part: the unmasked original compacts the same
+    assert torch.allclose(logits(to_compact(copy.deepcopy(model), recipe), batch), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permute_only_surgery_leaves_logits_unchanged(family):
+    model = tiny_model(family)
+    d = dims_of(model)
+    g = torch.Generator().manual_seed(1)
+    plans = []
+    for layer in range(d.layers):
+        heads = torch.randperm(d.heads, generator=g)
+        if family == "mpnet":  # per-head position bias pins the head order
+            heads = torch.arange(d.heads)
+        hs = d.hidden // d.heads
+        attn = torch.cat([h * hs + torch.randperm(hs, generator=g) for h in heads])
+        ffn = torch.randperm(d.intermediate, generator=g)
+        for kind, inner, roles in (("attn", attn, ("query", "key", "value", "attn_out")),
+                                   ("ffn", ffn, ("ffn_in", "ffn_out"))):
+            mats = {r: MatrixPlan(tuple(torch.randperm(d.hidden, generator=g).tolist()), (0,))
+                    for r in roles}
+            plans.append(SublayerPlan(layer, kind, 1, tuple(inner.tolist()), mats))
+    recipe = Recipe(model.config.model_type, d, tuple(plans))
+    recipe.validate()
+    compact = to_compact(copy.deepcopy(model), recipe)
+    assert isinstance(get_matrix(compact, 0, "query"), GroupedLinear)
+    batch = tiny_batch()
+    assert torch.allclose(logits(compact, batch), logits(model, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
+def test_dropped_sublayers_equal_their_bias_only_branch(family):
+    model = tiny_model(family)
+    recipe = make_recipe(model, 0.55, weak=("0.attn", "1.ffn"))
+    assert {"0.attn", "1.ffn"} <= set(recipe.dropped_sublayers())
+    compact = to_compact(copy.deepcopy(model), recipe)
+    spec_core = {"bert": "attention.self", "distilbert": "attention",
+                 "mpnet": "attention.attn"}[family]
+    layer0 = compact.base_model.get_submodule(
+        {"distilbert": "transformer.layer.0"}.get(family, "encoder.layer.0"))
+    assert isinstance(layer0.get_submodule(spec_core), DroppedAttention)
+    # reference: the original model with the attention branch of layer 0 replaced by the
+    # output bias, and the FFN branch of layer 1 by its output bias
+    ref = copy.deepcopy(model)
+    apply_masks(ref, recipe)
+    assert torch.allclose(logits(compact, tiny_batch()), logits(ref, tiny_batch()), atol=1e-5)
+    out = get_matrix(compact, 1, "ffn_out")
+    assert isinstance(out, ConstantOutput)
+    assert torch.equal(out.bias, get_matrix(model, 1, "ffn_out").bias)
+
+
+def test_compact_is_physically_smaller():
+    model = tiny_model("bert")
+    recipe = make_recipe(model, 0.75)
+    compact = to_compact(copy.deepcopy(model), recipe)
+    kept = sum(get_matrix(compact, p.layer, r).weight.numel()
+               for p in recipe.sublayers if not p.dropped for r in p.matrices
+               if hasattr(get_matrix(compact, p.layer, r), "weight"))
+    d = dims_of(model)
+    total = d.layers * (4 * d.hidden ** 2 + 2 * d.hidden * d.intermediate)
+    assert kept == pytest.approx(total * (1 - recipe.sparsity()))
+
+
+def test_compact_trains_and_keeps_structure():
+    model = tiny_model("bert")
+    recipe = make_recipe(model, 0.6)
+    compact = to_compact(copy.deepcopy(model), recipe).train()
+    opt = torch.optim.SGD(compact.parameters(), lr=0.1)
+    loss = compact(**tiny_batch()).loss
+    loss.backward()
+    opt.step()
+    dense = densify(compact.eval())
+    for p in recipe.sublayers:
+        for role in p.matrices:  # zeros stay zeros: the structure is frozen by construction
+            w = get_matrix(dense, p.layer, role).weight
+            assert torch.all(w[p.mask(role) == 0] == 0)
+
+
+def test_densify_needs_a_compact_model():
+    with pytest.raises(ValueError, match="compact pgb model"):
+        densify(tiny_model("bert"))
