@@ -47,7 +47,8 @@ def test_permutations_valid_and_scores_consistent():
         assert sorted(g.outer_perms[role]) == list(range(24))
         mask = np.zeros_like(s)
         for b in range(4):
-            mask[np.ix_(g.inner_perm[b * 6:(b + 1) * 6], g.outer_perms[role][b * 6:(b + 1) * 6])] = 1
+            band = slice(b * 6, (b + 1) * 6)
+            mask[np.ix_(g.inner_perm[band], g.outer_perms[role][band])] = 1
         assert np.isclose((s * mask).sum(), g.block_scores[role].sum())
         assert np.isclose(g.totals[role], s.sum())
 
