@@ -113,8 +113,13 @@ def _advance(layer: nn.Module, inp: dict) -> dict:
 
 
 def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) -> (n_valid, D) float64 with a trailing column of ones for the bias."""
-    x = x.reshape(-1, x.shape[-1])[mask.reshape(-1)].double()
+    """(B, T, D) -> (n_valid, D + 1) float32, with a trailing column of ones for the bias.
+
+    Per-batch products run in float32 (fast BLAS; float64 for a float64 model); the sums
+    over batches are float64.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.reshape(-1, x.shape[-1])[mask.reshape(-1)].to(dtype)
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
@@ -152,10 +157,11 @@ def _collect(student, teacher, layer, roles, branch, inputs) -> dict:
             x = _tokens(box["x"], inp["mask"])
             target = _branch_target(teacher, t_layer, spec, layer, roles[0], box, inp) \
                 if branch else None
+            xtx = (x.T @ x).double()  # (in + 1, in + 1), shared by the roles of this step
             for role in roles:
-                t = target if branch else x @ _affine(get_matrix(teacher, layer, role)).T
+                t = target if branch else x @ _affine(get_matrix(teacher, layer, role)).T.to(x)
                 c, cross = stats.get(role, (0, 0))
-                stats[role] = (c + x.T @ x, cross + t.T @ x)
+                stats[role] = (c + xtx, cross + (t.T @ x).double())
     finally:
         for h in handles:
             h.remove()
@@ -163,8 +169,8 @@ def _collect(student, teacher, layer, roles, branch, inputs) -> dict:
 
 
 def _affine(linear: nn.Module) -> torch.Tensor:
-    """[W, b] of a linear layer, (out, in + 1) float64."""
-    return torch.cat([linear.weight.double(), linear.bias.double().unsqueeze(1)], dim=1)
+    """[W, b] of a linear layer, (out, in + 1) float32."""
+    return torch.cat([linear.weight.float(), linear.bias.float().unsqueeze(1)], dim=1)
 
 
 def _branch_target(teacher, t_layer, spec, layer, role, box, inp) -> torch.Tensor:

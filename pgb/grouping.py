@@ -53,20 +53,39 @@ class Grouping:
         return kept / max(sum(self.totals.values()), 1e-30)
 
 
-def balanced_assign(scores: np.ndarray, capacity: int) -> np.ndarray:
+def balanced_assign(scores: np.ndarray, capacity: int, exact_up_to: int = 512) -> np.ndarray:
     """Band of each row maximising ``sum scores[i, band[i]]``, every band holding ``capacity``.
 
-    scores: (n, G) with n == G * capacity. Exact (Hungarian on an (n, n) expansion).
+    scores: (n, G) with n == G * capacity. Exact (Hungarian on an (n, n) expansion) up to
+    ``exact_up_to`` rows; beyond, a regret-ordered greedy (O(n G log n)) that the search
+    only accepts when it improves on the current assignment.
     """
     n, g = scores.shape
     if n != g * capacity:
         raise ValueError(f"{n} items cannot fill {g} bands of {capacity}")
     if g == 1:
         return np.zeros(n, dtype=np.int64)
+    if n > exact_up_to:
+        return _greedy_assign(scores, capacity)
     cost = -np.repeat(scores, capacity, axis=1)  # (n, n): column j is a seat of band j // cap
     rows, cols = linear_sum_assignment(cost)
     band = np.empty(n, dtype=np.int64)
     band[rows] = cols // capacity
+    return band
+
+
+def _greedy_assign(scores: np.ndarray, capacity: int) -> np.ndarray:
+    """Items with most to lose go first, each to its best band that still has room."""
+    prefs = np.argsort(-scores, axis=1)  # (n, G) bands by preference
+    top2 = np.take_along_axis(scores, prefs[:, :2], axis=1)
+    order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")  # largest regret first
+    room = np.full(scores.shape[1], capacity)
+    band = np.empty(scores.shape[0], dtype=np.int64)
+    for i in order:
+        for b in prefs[i]:
+            if room[b]:
+                band[i], room[b] = b, room[b] - 1
+                break
     return band
 
 
@@ -123,11 +142,12 @@ class _Inner:
 
 def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | None = None,
                     fixed_head_order: bool = False, iters: int = 10,
-                    permute: bool = True) -> Grouping:
+                    permute: bool = True, tol: float = 1e-4) -> Grouping:
     """Group one sublayer's matrices into ``groups`` blocks sharing the inner partition.
 
     scores: role -> importance oriented (inner, outer). heads: number of attention heads
     (None for the FFN). permute=False keeps contiguous blocks (the no-permutation ablation).
+    The sweeps stop when one gains less than ``tol`` (relative).
     """
     mats = list(scores)
     n, h = scores[mats[0]].shape
@@ -142,8 +162,10 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
                     for m in mats}
         gain = sum(_outer_fold(scores[m], out_band[m], groups) for m in mats)  # (n, G)
         new_band = inner.assign(gain)
-        value = gain[np.arange(n), new_band].sum()
-        if value <= best * (1 + 1e-12):
+        value, current = (gain[np.arange(n), b].sum() for b in (new_band, in_band))
+        if value < current:  # a heuristic step that lost: keep the current bands
+            new_band, value = in_band, current
+        if value <= best * (1 + tol):
             break
         best, in_band = value, new_band
     if permute and groups > 1:  # the outer side, re-optimised for the final inner bands
@@ -152,18 +174,20 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     return _finish(scores, groups, inner, in_band, out_band)
 
 
+def _onehot(band: np.ndarray, groups: int) -> np.ndarray:
+    out = np.zeros((len(band), groups))
+    out[np.arange(len(band)), band] = 1.0
+    return out
+
+
 def _band_sum(s: np.ndarray, in_band: np.ndarray, groups: int) -> np.ndarray:
     """(G, outer): importance of each outer index inside each inner band."""
-    out = np.zeros((groups, s.shape[1]))
-    np.add.at(out, in_band, s)
-    return out
+    return _onehot(in_band, groups).T @ s
 
 
 def _outer_fold(s: np.ndarray, out_band: np.ndarray, groups: int) -> np.ndarray:
     """(inner, G): importance of each inner item inside each outer band."""
-    out = np.zeros((groups, s.shape[0]))
-    np.add.at(out, out_band, s.T)
-    return out.T
+    return s @ _onehot(out_band, groups)
 
 
 def _finish(scores, groups, inner, in_band, out_band) -> Grouping:
