@@ -32,6 +32,7 @@ def save_compact(model: nn.Module, tokenizer, folder: str | Path) -> None:
     """Write a compact model (as built by ``to_compact``) into an existing folder."""
     folder = Path(folder)
     recipe: Recipe = model.pgb_recipe
+    model.config.architectures = [type(model).__name__]  # what load() instantiates
     model.config.save_pretrained(folder)
     recipe.save(folder / "recipe.json")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

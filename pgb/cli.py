@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from . import commands
+    from . import commands, tools
 
-    handler = getattr(commands, f"cmd_{args.command}")
+    name = f"cmd_{args.command}"
+    handler = getattr(commands, name, None) or getattr(tools, name)
     try:
         result = handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

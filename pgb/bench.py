@@ -1,0 +1,140 @@
+"""Measured cost of models side by side: latency, throughput, size, memory, FLOPs.
+
+Latency is the median of repeated forward passes after warm-up, the models timed in turn
+(interleaved) inside one process so that machine noise hits all of them alike. Peak
+memory is measured per model in a fresh subprocess on the CPU (peak resident set size of
+loading the model and running one batch) and with the allocator's peak on CUDA.
+
+Example::
+
+    >>> res = bench_folders({"compressed": "runs/sst2-pgb", "baseline": "runs/sst2"},
+    ...                     batch_size=32, seq_len=128)
+    >>> res["compressed"]["latency_ms"], res["baseline"]["latency_ms"]
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .flops import count_params, flops
+
+
+def load_any(folder: str) -> nn.Module:
+    """A pgb output folder (compact or structured) or a plain transformers checkpoint."""
+    from .checkpoint import load
+    from .modeling import is_pgb_folder, load_config
+
+    if is_pgb_folder(folder) or (Path(folder) / "structure.json").is_file():
+        return load(folder)
+    import transformers
+
+    config = load_config(folder)
+    cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    return cls.from_pretrained(folder).eval()
+
+
+def dummy_batch(model: nn.Module, batch_size: int, seq_len: int, device) -> dict:
+    """Random token ids (full attention) shaped like a real batch."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) + \
+        sum(p.stat().st_size for p in Path(folder).glob("*.bin"))
+
+
+@torch.inference_mode()
+def time_models(models: dict[str, nn.Module], batch: dict, repeats: int = 20,
+                warmup: int = 3, progress: bool = True) -> dict[str, list[float]]:
+    """Seconds per forward pass of each model, timed in turn, after ``warmup`` passes each."""
+    device = batch["input_ids"].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for model in models.values():
+        for _ in range(warmup):
+            model(**batch)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in tqdm(range(repeats), desc="timing", disable=not progress):
+        for name, model in models.items():
+            sync()
+            start = time.perf_counter()
+            model(**batch)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb(folder: str, batch_size: int, seq_len: int, device: str,
+                   threads: int | None) -> float:
+    """Peak memory (MiB) of loading ``folder`` and running one batch, measured in isolation."""
+    if device.startswith("cuda"):
+        model = load_any(folder).to(device)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            model(**dummy_batch(model, batch_size, seq_len, device))
+        return torch.cuda.max_memory_allocated() / 2**20
+    code = ("import resource,sys,torch;from pgb.bench import load_any,dummy_batch;"
+            f"torch.set_num_threads({threads or torch.get_num_threads()});"
+            f"m=load_any({folder!r});"
+            f"torch.inference_mode()(lambda: m(**dummy_batch(m,{batch_size},{seq_len},'cpu')))();"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB on Linux
+
+
+def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
+                  repeats: int = 20, warmup: int = 3, threads: int | None = None,
+                  device: str | None = None, memory: bool = True,
+                  progress: bool = True) -> dict[str, dict]:
+    """Measure every model folder; returns name -> metrics (see module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = {name: load_any(f).to(device).eval() for name, f in folders.items()}
+    batch = dummy_batch(next(iter(models.values())), batch_size, seq_len, device)
+    times = time_models(models, batch, repeats, warmup, progress)
+    out = {}
+    for name, model in models.items():
+        med = statistics.median(times[name])
+        out[name] = {
+            "latency_ms": med * 1e3, "latency_ms_min": min(times[name]) * 1e3,
+            "throughput_seq_s": batch_size / med, "params": count_params(model),
+            "checkpoint_bytes": checkpoint_bytes(folders[name]),
+            "flops": flops(model, seq_len) * batch_size,
+            "peak_memory_mb": peak_memory_mb(folders[name], batch_size, seq_len, device,
+                                             threads) if memory else None,
+        }
+    return out
+
+
+def summarize(res: dict[str, dict], batch_size: int, seq_len: int, threads, device) -> dict:
+    """The flat JSON object ``pgb bench`` prints: compressed figures, others prefixed.
+
+    ``speedup`` is baseline latency / compressed latency; ``structured_speedup`` is
+    baseline latency / structured latency.
+    """
+    summary = dict(res["compressed"])
+    summary.update({"batch_size": batch_size, "seq_len": seq_len, "threads": threads,
+                    "device": device, "torch": torch.__version__})
+    for other in ("baseline", "structured"):
+        for k, v in res.get(other, {}).items():
+            summary[f"{other}_{k}"] = v
+    if "baseline" in res:
+        base = res["baseline"]["latency_ms"]
+        summary["speedup"] = base / res["compressed"]["latency_ms"]
+        if "structured" in res:
+            summary["structured_speedup"] = base / res["structured"]["latency_ms"]
+    return summary

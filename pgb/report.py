@@ -1,0 +1,103 @@
+"""``pgb report DIR``: a readable report.md and a picture of where the model was cut.
+
+The picture is a grid, one row per encoder layer and one column per matrix; each cell
+shows the group count G and the fraction of the matrix's importance kept, coloured by the
+fraction of its weights kept; dropped sublayers are marked "dropped".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .arch import MATRICES
+
+NEEDS = ("report.json",)
+
+
+def _load(folder: Path) -> tuple[dict, dict | None]:
+    if not (folder / "report.json").is_file():
+        raise FileNotFoundError(f"{folder} has no report.json; pass the output folder of "
+                                "`pgb compress` or `pgb run`")
+    report = json.loads((folder / "report.json").read_text())
+    recipe = folder / "recipe.json"
+    return report, json.loads(recipe.read_text()) if recipe.is_file() else None
+
+
+def _cells(report: dict, recipe: dict | None) -> dict[tuple[int, str], dict]:
+    """(layer, role) -> {groups, kept (fraction of weights), retained, dropped}."""
+    cells = {}
+    for m in report.get("matrices", []):
+        layer, role = m["name"].split(".")
+        g = m.get("groups", 1)
+        kept = m.get("kept_blocks", g) / (g * g) if g else 0.0
+        cells[(int(layer), role)] = {"groups": g, "kept": kept, "dropped": False,
+                                     "retained": m.get("retained_importance", float("nan"))}
+    for name in report.get("dropped_sublayers", []):
+        layer, kind = name.split(".")
+        roles = MATRICES[:4] if kind == "attn" else MATRICES[4:]
+        for role in roles:
+            cells.setdefault((int(layer), role), {"groups": 0, "retained": 0.0})
+            cells[(int(layer), role)].update({"kept": 0.0, "dropped": True})
+    return cells
+
+
+def plot(cells: dict, path: Path, title: str) -> None:
+    """The layer x matrix grid as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = 1 + max((k[0] for k in cells), default=0)
+    grid = np.full((layers, len(MATRICES)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.5 * len(MATRICES) + 1, 0.55 * layers + 1.5))
+    for (layer, role), c in cells.items():
+        j = MATRICES.index(role)
+        grid[layer, j] = c["kept"]
+        text = "dropped" if c["dropped"] else f"G={c['groups']}\n{c['retained']:.0%} imp."
+        ax.text(j, layer, text, ha="center", va="center", fontsize=8)
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(MATRICES)), MATRICES)
+    ax.set_yticks(range(layers), [f"layer {i}" for i in range(layers)])
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="fraction of weights kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(report: dict, cells: dict, png: str) -> str:
+    lines = [f"# pgb report: {report.get('task', '?')}, method {report.get('method', 'pgb')}",
+             "", f"![where the model was cut]({png})", "", "| | teacher | compressed |",
+             "|---|---:|---:|"]
+    t, m = report.get("teacher_metrics", {}), report.get("metrics", {})
+    lines += [f"| {k} | {t[k]:.4f} | {m.get(k, float('nan')):.4f} |" for k in t
+              if k in m and k != "samples"]
+    lines += [f"| parameters | {report.get('params_before')} | {report.get('params_after')} |",
+              f"| encoder FLOPs ratio (seq 128) | 1.0 | {report.get('flops_ratio', 0):.3f} |",
+              "", f"Target sparsity {report.get('target_sparsity')}, achieved "
+              f"{report.get('achieved_sparsity', 0):.4f} of encoder linear weights.",
+              f"Dropped sublayers: {', '.join(report.get('dropped_sublayers', [])) or 'none'}.",
+              "", "Seconds per stage: " + ", ".join(
+                  f"{k} {v:.1f}" for k, v in report.get("stage_seconds", {}).items()), "",
+              "| layer | matrix | G | weights kept | importance kept |", "|---|---|---:|---:|---:|"]
+    for (layer, role), c in sorted(cells.items(), key=lambda kv: (kv[0][0],
+                                                                  MATRICES.index(kv[0][1]))):
+        g = "dropped" if c["dropped"] else c["groups"]
+        lines.append(f"| {layer} | {role} | {g} | {c['kept']:.3f} | {c['retained']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: str | Path) -> dict:
+    """Write ``report.md`` and ``report.png`` into ``folder``; returns their paths."""
+    folder = Path(folder)
+    report, recipe = _load(folder)
+    cells = _cells(report, recipe)
+    png = folder / "report.png"
+    plot(cells, png, f"{report.get('task', '')}: sparsity "
+                     f"{report.get('achieved_sparsity', 0):.3f}, {report.get('method', 'pgb')}")
+    md = folder / "report.md"
+    md.write_text(_markdown(report, cells, png.name))
+    return {"report_md": str(md), "report_png": str(png)}

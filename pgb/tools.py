@@ -1,0 +1,54 @@
+"""Handlers of the tool commands: bench, export, report."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def cmd_bench(args) -> dict:
+    """Latency, throughput and size of a compressed model against its baselines."""
+    import torch
+
+    from .bench import bench_folders, summarize
+
+    folders = {"compressed": args.model}
+    for name in ("baseline", "structured"):
+        if getattr(args, name):
+            folders[name] = getattr(args, name)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    res = bench_folders(folders, args.batch_size, args.seq_len, repeats=args.repeats,
+                        warmup=args.warmup, threads=args.threads, device=device,
+                        progress=not args.quiet)
+    for name, r in res.items():
+        print(f"{name:>11}: {r['latency_ms']:8.2f} ms  {r['throughput_seq_s']:8.1f} seq/s  "
+              f"{r['params'] / 1e6:6.2f} M params  {r['checkpoint_bytes'] / 2**20:7.1f} MiB",
+              file=sys.stderr)
+    return summarize(res, args.batch_size, args.seq_len, args.threads or torch.get_num_threads(),
+                     device)
+
+
+def cmd_export(args) -> dict:
+    """Export to ONNX and check the outputs against PyTorch in onnxruntime."""
+    from pathlib import Path
+
+    from .bench import load_any
+    from .export import export_onnx, verify_onnx
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    model = load_any(args.model)
+    export_onnx(model, out, opset=args.opset)
+    diff = verify_onnx(model, out)
+    log.info("exported %s -> %s (max abs difference vs PyTorch %.2e)", args.model, out, diff)
+    return {"onnx": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff}
+
+
+def cmd_report(args) -> dict:
+    """report.md and a PNG picture of where a compressed model was cut."""
+    from .report import write_report
+
+    return write_report(args.folder)
