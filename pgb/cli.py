@@ -106,9 +106,10 @@ def setup_logging(quiet: bool = False) -> None:
     """Configure pgb's logger once, at the entry point (stderr)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
     root = logging.getLogger("pgb")
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.setLevel(logging.INFO)  # the log file always gets INFO; --quiet only hushes stderr
 
 
 def mirror_log(folder: Path) -> logging.Handler:

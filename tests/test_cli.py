@@ -1,0 +1,132 @@
+"""End to end through the command line on a tiny model: finetune, compress, evaluate,
+bench, export, report; and the errors users hit first."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from tiny import tiny_config
+
+from pgb.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm_path):
+    """A tiny random BERT with the real MiniLM tokenizer, saved like a hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    config = tiny_config("bert", num_labels=2)
+    config.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv) -> dict:
+    assert main(["-q", *argv]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pipeline_dirs(tiny_dir, shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    teacher, comp = root / "teacher", root / "compressed"
+    assert main(["-q", "finetune", "--model", str(tiny_dir), "--task", "sst2", "--data-dir",
+                 str(shared_data), "--out", str(teacher), "--max-steps", "4",
+                 "--max-train-samples", "96", "--batch-size", "16"]) == 0
+    assert main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
+                 str(shared_data), "--out", str(comp), "--sparsity", "0.5",
+                 "--calib-samples", "48", "--refinetune-steps", "2",
+                 "--max-train-samples", "96"]) == 0
+    return teacher, comp
+
+
+def test_finetune_writes_a_teacher(pipeline_dirs):
+    teacher, _ = pipeline_dirs
+    record = json.loads((teacher / "metrics.json").read_text())
+    assert record["task"] == "sst2" and record["train"]["steps"] == 4
+    assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
+    assert json.loads((teacher / "config.json").read_text())["pgb_task"] == "sst2"
+    assert (teacher / "log.txt").stat().st_size > 0
+
+
+def test_compress_writes_report_and_recipe(pipeline_dirs):
+    _, comp = pipeline_dirs
+    report = json.loads((comp / "report.json").read_text())
+    for key in ("target_sparsity", "achieved_sparsity", "params_before", "params_after",
+                "flops_ratio", "stage_seconds", "matrices", "dropped_sublayers",
+                "teacher_metrics", "metrics"):
+        assert key in report
+    assert abs(report["achieved_sparsity"] - 0.5) <= 0.005
+    assert set(report["stage_seconds"]) >= {"importance", "grouping", "compensation",
+                                            "refinetune"}
+    assert report["params_after"] < report["params_before"]
+    assert (comp / "recipe.json").is_file() and (comp / "tokenizer.json").is_file()
+
+
+def test_evaluate_prints_metrics_json_last(pipeline_dirs, shared_data, capsys):
+    _, comp = pipeline_dirs
+    out = run(capsys, "evaluate", "--model", str(comp), "--task", "sst2", "--data-dir",
+              str(shared_data), "--max-samples", "64")
+    assert set(out) == {"accuracy", "samples"} and out["samples"] == 64
+
+
+def test_bench_export_report(pipeline_dirs, tmp_path, capsys):
+    teacher, comp = pipeline_dirs
+    out = run(capsys, "bench", "--model", str(comp), "--baseline", str(teacher),
+              "--batch-size", "2", "--seq-len", "16", "--repeats", "2", "--threads", "1")
+    for key in ("latency_ms", "baseline_latency_ms", "speedup", "params", "baseline_params",
+                "checkpoint_bytes", "baseline_checkpoint_bytes", "peak_memory_mb"):
+        assert key in out
+    assert out["speedup"] == pytest.approx(out["baseline_latency_ms"] / out["latency_ms"])
+    assert out["checkpoint_bytes"] < out["baseline_checkpoint_bytes"]
+    onnx = run(capsys, "export", "--model", str(comp), "--out", str(tmp_path / "m.onnx"))
+    assert onnx["max_abs_diff"] <= 1e-4
+    rep = run(capsys, "report", str(comp))
+    assert (comp / "report.md").read_text().startswith("# pgb report: sst2")
+    assert (comp / "report.png").read_bytes()[:4] == b"\x89PNG" and rep["report_png"]
+
+
+def test_existing_output_is_refused(pipeline_dirs, shared_data, capsys):
+    teacher, comp = pipeline_dirs
+    before = sorted(p.name for p in comp.iterdir())
+    code = main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
+                 str(shared_data), "--out", str(comp), "--sparsity", "0.5"])
+    assert code == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in comp.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--task", "sst2", "--sparsity", "1.3"], r"sparsity must be in \[0, 1\), got 1.3"),
+    (["--task", "sst2", "--method", "foo"], "unknown method 'foo'"),
+    (["--task", "mrpc"], "fine-tuned for task 'sst2'"),
+])
+def test_bad_input_names_the_value(pipeline_dirs, shared_data, tmp_path, capsys, argv, message):
+    teacher, _ = pipeline_dirs
+    args = {"--sparsity": "0.5", **dict(zip(argv[::2], argv[1::2], strict=True))}
+    flat = [x for kv in args.items() for x in kv]
+    code = main(["-q", "compress", "--model", str(teacher), "--data-dir", str(shared_data),
+                 "--out", str(tmp_path / "x"), *flat])
+    assert code == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
+    code = main(["-q", "evaluate", "--model", str(folder), "--task", "sst2"])
+    assert code == 2
+    assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
+
+
+def test_offline_without_data_folder(pipeline_dirs, monkeypatch, capsys):
+    teacher, _ = pipeline_dirs
+    monkeypatch.delenv("PGB_DATA_DIR", raising=False)
+    code = main(["-q", "evaluate", "--model", str(teacher), "--task", "sst2"])
+    assert code == 2
+    assert "--data-dir" in capsys.readouterr().err
