@@ -60,6 +60,10 @@ def load(folder: str | Path) -> nn.Module:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"no pgb model folder at {folder}")
+    if (folder / "structure.json").is_file():  # the structured baseline (heads/neurons)
+        from .structured import load_structured
+
+        return load_structured(folder)
     for name in ("config.json", "recipe.json", WEIGHTS):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} is not a pgb checkpoint: {name} is missing "

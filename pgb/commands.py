@@ -164,8 +164,14 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
                             resume=args.resume)
         result.report.update({"teacher": path, "versions": _versions(),
                               "command": " ".join(["pgb", *sys.argv[1:]])})
-        save_compact(result.model, tok, tmp) if hasattr(result.model, "pgb_recipe") \
-            else _save_plain(result.model, tok, tmp, task)
+        if hasattr(result.model, "pgb_recipe"):
+            save_compact(result.model, tok, tmp)
+        elif hasattr(result.model, "pgb_structure"):
+            from .structured import save_structured
+
+            save_structured(result.model, tok, tmp)
+        else:
+            _save_plain(result.model, tok, tmp, task)
         (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
         (tmp / "config.pgb.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         logging.getLogger("pgb").removeHandler(handler)
@@ -174,7 +180,7 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
 
 
 def _save_plain(model, tok, folder: Path, task) -> None:
-    """Methods whose result is a plain transformers model (magnitude, structured)."""
+    """Methods whose result is a plain transformers model (magnitude)."""
     model.config.pgb_task = task.name
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
