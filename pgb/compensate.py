@@ -58,9 +58,9 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
         steps = [(layer, *s) for layer in range(dims_of(student).layers) for s in STEPS]
         for layer, kind, roles, branch in tqdm(steps, desc="compensation", disable=not progress):
             plan = recipe.plan(layer, kind)
-            stats = _collect(student, teacher, layer, roles, branch, inputs)
+            stats = _collect(student, teacher, layer, roles, branch, inputs, plan)
             for role in roles:
-                _refit(get_matrix(student, layer, role), plan, role, *stats[role], damping)
+                _refit(get_matrix(student, layer, role), stats[role], damping)
             if (kind, roles[-1]) == ("ffn", "ffn_out"):
                 inputs = [_advance(layer_module(student, layer), i) for i in inputs]
     finally:
@@ -123,11 +123,15 @@ def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
-def _collect(student, teacher, layer, roles, branch, inputs) -> dict:
-    """Per role: (C = X^T X, cross = T^T X) over all calibration tokens; X has a ones column."""
+def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan) -> dict:
+    """Per role, least-squares statistics over all calibration tokens (padding excluded).
+
+    Only what the kept blocks need is accumulated, so the cost falls with G: per kept block
+    b with rows R and inputs K (plus the ones column), ``C_b = X_K^T X_K`` and
+    ``cross_b = T_R^T X_K``; for bias-only rows, the sum of targets and the token count.
+    """
     spec = get_arch(student)
     s_layer, t_layer = layer_module(student, layer), layer_module(teacher, layer)
-    first = get_matrix(student, layer, roles[0])
     box: dict = {}
 
     def grab_input(_m, args):
@@ -140,32 +144,53 @@ def _collect(student, teacher, layer, roles, branch, inputs) -> dict:
     def grab_ffn_in(_m, args):
         box["ffn_x"] = args[0]
 
-    handles = [first.register_forward_pre_hook(grab_input)]
+    handles = [get_matrix(student, layer, roles[0]).register_forward_pre_hook(grab_input)]
     if branch and roles[0] == "attn_out":
         core = s_layer.get_submodule(spec.attn_core)
         handles.append(core.register_forward_pre_hook(grab_core, with_kwargs=True))
     if branch and roles[0] == "ffn_out":
         ffn_in = get_matrix(student, layer, "ffn_in")
         handles.append(ffn_in.register_forward_pre_hook(grab_ffn_in))
-    stats: dict = {}
+    affine = {r: _affine(get_matrix(teacher, layer, r)) for r in roles}
+    stats = {r: {"blocks": _blocks(plan, r), "tsum": 0.0, "n": 0} for r in roles}
     try:
         for inp in inputs:
             try:
                 _call(s_layer, inp)
             except _Stop:
                 pass
-            x = _tokens(box["x"], inp["mask"])
+            x = _tokens(box["x"], inp["mask"])  # (n, in + 1)
             target = _branch_target(teacher, t_layer, spec, layer, roles[0], box, inp) \
                 if branch else None
-            xtx = (x.T @ x).double()  # (in + 1, in + 1), shared by the roles of this step
             for role in roles:
-                t = target if branch else x @ _affine(get_matrix(teacher, layer, role)).T.to(x)
-                c, cross = stats.get(role, (0, 0))
-                stats[role] = (c + xtx, cross + (t.T @ x).double())
+                _accumulate(stats[role], x, target, affine[role].to(x))
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def _blocks(plan: SublayerPlan, role: str) -> list[dict]:
+    """Rows and input columns (with the ones column last) of each kept block."""
+    rows, cols = plan.bands(role)
+    g, n_in = plan.groups, len(cols)
+    rb, cb = len(rows) // g, len(cols) // g
+    return [{"rows": rows[b * rb:(b + 1) * rb],
+             "cols": torch.cat([cols[b * cb:(b + 1) * cb], torch.tensor([n_in])]),
+             "c": 0.0, "cross": 0.0} for b in plan.matrices[role].kept]
+
+
+def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor | None,
+                affine: torch.Tensor) -> None:
+    """Add one batch to a role's statistics; target None means ``x @ affine^T``."""
+    st["n"] += x.shape[0]
+    st["tsum"] = st["tsum"] + (target.sum(0) if target is not None
+                               else x.sum(0) @ affine.T).double()
+    for blk in st["blocks"]:
+        xk = x[:, blk["cols"]]  # (n, |K| + 1)
+        t = target[:, blk["rows"]] if target is not None else x @ affine[blk["rows"]].T
+        blk["c"] = blk["c"] + (xk.T @ xk).double()
+        blk["cross"] = blk["cross"] + (t.T @ xk).double()
 
 
 def _affine(linear: nn.Module) -> torch.Tensor:
@@ -188,25 +213,18 @@ def _branch_target(teacher, t_layer, spec, layer, role, box, inp) -> torch.Tenso
     return _tokens(out, inp["mask"])[:, :-1]
 
 
-def _refit(linear: nn.Module, plan: SublayerPlan, role: str, c: torch.Tensor,
-           cross: torch.Tensor, damping: float) -> None:
-    """Solve each kept block's least squares and write weights and biases in place."""
-    rows, cols = plan.bands(role)
-    g = plan.groups
-    rb, cb = len(rows) // g, len(cols) // g
-    n_in = c.shape[0] - 1
+def _refit(linear: nn.Module, st: dict, damping: float) -> None:
+    """Solve each kept block's damped least squares; write weights and biases in place."""
     weight = torch.zeros_like(linear.weight, dtype=torch.float64)
-    # Rows outside every kept block: bias only, the mean target (cross / token count).
-    bias = cross[:, n_in] / c[n_in, n_in].clamp_min(1.0)
-    for b in plan.matrices[role].kept:
-        r = rows[b * rb:(b + 1) * rb]
-        k = torch.cat([cols[b * cb:(b + 1) * cb], torch.tensor([n_in])])
-        h = c[k][:, k].clone()
-        diag = h.diagonal()[:-1]
-        h.diagonal()[:-1] += damping * diag.mean().clamp_min(1e-8)
-        v = torch.linalg.solve(h, cross[r][:, k].T).T  # (rb, cb + 1)
-        weight[r.unsqueeze(1), k[:-1].unsqueeze(0)] = v[:, :-1]
+    # Rows outside every kept block keep a bias only: the mean target.
+    bias = st["tsum"] / max(st["n"], 1)
+    for blk in st["blocks"]:
+        h = blk["c"].clone()
+        diag = h.diagonal()[:-1]  # the weights' diagonal; the bias column is not damped
+        diag += damping * diag.mean().clamp_min(1e-8)
+        v = torch.linalg.solve(h, blk["cross"].T).T  # (rows, |K| + 1)
+        r, k = blk["rows"], blk["cols"][:-1]
+        weight[r.unsqueeze(1), k.unsqueeze(0)] = v[:, :-1]
         bias[r] = v[:, -1]
     linear.weight.copy_(weight.to(linear.weight))
     linear.bias.copy_(bias.to(linear.bias))
-
