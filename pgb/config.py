@@ -70,6 +70,8 @@ class CompressConfig(_Base):
     calib_samples: int = _help("training examples used for importance and compensation", 1024)
     calib_batch_size: int = _help("batch size of the calibration passes", 32)
     importance: str = _help(f"importance score, one of {IMPORTANCE}", "fisher")
+    normalize: str = _help("importance scale across matrices: 'mean' (each matrix averages "
+                           "1, so only its shape matters) or 'none' (raw scores)", "mean")
     permute: bool = _help("search permutations (False: contiguous blocks)", True)
     uniform_groups: bool = _help("same G everywhere, G = 1 / (1 - sparsity)", False)
     allow_drop: bool = _help("allow dropping whole sublayers", True)
@@ -96,6 +98,8 @@ class CompressConfig(_Base):
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {IMPORTANCE}")
+        if self.normalize not in ("mean", "none"):
+            raise ValueError(f"normalize must be 'mean' or 'none', got {self.normalize!r}")
         if self.calib_samples < 1:
             raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if self.max_groups < 1:

@@ -89,6 +89,8 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
     with clock("importance"):
         scores = importance_scores(teacher, calib, cfg.importance, progress)
+        if cfg.normalize == "mean":
+            scores = {n: s / s.mean().clamp_min(1e-30) for n, s in scores.items()}
     with clock("grouping"):
         groupings = search_groupings(scores, teacher, cfg, progress)
         recipe = allocate(groupings, dims_of(teacher), teacher.config.model_type, cfg.sparsity,
