@@ -40,6 +40,7 @@ class TrainConfig(_Base):
     seed: int = _help("seed of initialisation, shuffling and dropout", 42)
     kd_alpha: float = _help("weight of the distillation loss (task loss gets 1 - kd_alpha)", 0.9)
     kd_temperature: float = _help("softmax temperature of the logit distillation", 2.0)
+    kd_hidden: float = _help("weight of the layer-output (hidden state) distillation", 0.0)
     checkpoint_every: int = _help("steps between resumable checkpoints (0: never)", 0)
 
     def __post_init__(self):
@@ -84,6 +85,7 @@ class CompressConfig(_Base):
     refinetune_epochs: float = _help("re-finetuning epochs (ignored with refinetune_steps)", 1.0)
     refinetune_steps: int | None = _help("re-finetuning optimizer steps", None)
     refinetune_lr: float = _help("re-finetuning learning rate", 1e-4)
+    kd_hidden: float = _help("weight of hidden-state distillation in re-finetuning", 1.0)
     max_train_samples: int | None = _help("cap on re-finetuning examples", None)
     max_length: int = _help("token length of calibration and training examples", 128)
     batch_size: int = _help("re-finetuning batch size", 32)
@@ -117,5 +119,5 @@ class CompressConfig(_Base):
         """Re-finetuning settings derived from this config."""
         return TrainConfig(epochs=self.refinetune_epochs, max_steps=self.refinetune_steps,
                            batch_size=self.batch_size, lr=self.refinetune_lr, seed=self.seed,
-                           kd_alpha=0.9 if self.distill else 0.0,
+                           kd_alpha=0.9 if self.distill else 0.0, kd_hidden=self.kd_hidden,
                            checkpoint_every=self.checkpoint_every)

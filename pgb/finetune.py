@@ -4,7 +4,8 @@ Used to fine-tune the task teacher and to re-finetune the compressed student (st
 frozen: only the kept blocks, biases, LayerNorms, embeddings and head train). With a
 teacher, the loss is ``kd_alpha * KD + (1 - kd_alpha) * task``; KD is the KL divergence of
 temperature-softened logits (times T^2) for classification and QA, and the squared error to
-the teacher's prediction for regression.
+the teacher's prediction for regression, plus ``kd_hidden`` times the mean squared error
+between student and teacher layer outputs (hidden-state distillation).
 
 Under ``torch.distributed`` the model is wrapped in DDP and rank r takes batches
 r, r + world, ... of the same seeded order; resumable checkpoints hold model, optimizer,
@@ -101,8 +102,15 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
     opt = _optimizer(model, cfg)
     sched = _schedule(opt, steps, int(cfg.warmup_ratio * steps))
     state = {"step": 0, "loss": float("nan")}
+    run = _run_signature(cfg, steps, per_epoch, world)
     if resume:
-        state = _load_checkpoint(checkpoint_dir, model, opt, sched) or state
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
+        state = _load_checkpoint(checkpoint_dir, model, opt, sched, run) or state
+    elif checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT).exists():
+        log.warning("%s holds a checkpoint of an interrupted run; starting over (it will be "
+                    "overwritten). Pass --resume to continue it instead",
+                    Path(checkpoint_dir) / CHECKPOINT)
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -121,7 +129,7 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
             bar.set_postfix(loss=f"{loss:.4f}")
             if cfg.checkpoint_every and checkpoint_dir and \
                     state["step"] % cfg.checkpoint_every == 0 and rank == 0:
-                _save_checkpoint(checkpoint_dir, model, opt, sched, state)
+                _save_checkpoint(checkpoint_dir, model, opt, sched, state, run)
     bar.close()
     model.eval()
     return {"steps": state["step"], "final_loss": state["loss"],
@@ -136,19 +144,37 @@ def _wrap(model: nn.Module) -> nn.Module:
 
 def _step(runner, teacher, batch, cfg: TrainConfig, device) -> float:
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = runner(**batch)
+    hidden = teacher is not None and cfg.kd_alpha > 0 and cfg.kd_hidden > 0
+    out = runner(**batch, output_hidden_states=hidden)
     loss = out.loss
     if teacher is not None and cfg.kd_alpha > 0:
         with torch.no_grad():
             t_out = teacher(**{k: v for k, v in batch.items()
-                               if not k.endswith(("labels", "positions"))})
-        loss = cfg.kd_alpha * kd_loss(out, t_out, cfg.kd_temperature) \
-            + (1 - cfg.kd_alpha) * loss
+                               if not k.endswith(("labels", "positions"))},
+                            output_hidden_states=hidden)
+        kd = kd_loss(out, t_out, cfg.kd_temperature)
+        if hidden:
+            kd = kd + cfg.kd_hidden * hidden_loss(out.hidden_states, t_out.hidden_states,
+                                                  batch.get("attention_mask"))
+        loss = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * loss
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss.item()}; lower the learning "
                                  f"rate (now {cfg.lr}) or check the labels")
     loss.backward()
     return float(loss.detach())
+
+
+def hidden_loss(student: tuple, teacher: tuple, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error between the layers' outputs, over real tokens, averaged over layers.
+
+    Hidden sizes are kept by every pgb method, so each student layer is matched to the
+    teacher layer of the same index (the embedding output included).
+    """
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        err = (s - t).pow(2).mean(-1)  # (B, T)
+        losses.append(err[mask.bool()].mean() if mask is not None else err.mean())
+    return torch.stack(losses).mean()
 
 
 def _update(model, opt, sched, cfg: TrainConfig) -> None:
@@ -162,30 +188,48 @@ def _update(model, opt, sched, cfg: TrainConfig) -> None:
 CHECKPOINT = "train_state.pt"
 
 
-def _save_checkpoint(folder, model, opt, sched, state) -> None:
+def _run_signature(cfg: TrainConfig, steps: int, per_epoch: int, world: int) -> dict:
+    """What a checkpoint must share with the run that resumes it (checkpoint_every may change)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}
+    return {"steps": steps, "per_epoch": per_epoch, "world": world, "config": settings}
+
+
+def _save_checkpoint(folder, model, opt, sched, state, run) -> None:
     """Atomically write resumable training state (written to a temp file, then renamed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (CHECKPOINT + ".tmp")
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "state": state,
-                "rng": torch.get_rng_state()}, tmp)
+                "sched": sched.state_dict(), "state": state, "run": run,
+                "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp)
     os.replace(tmp, folder / CHECKPOINT)
 
 
-def _load_checkpoint(folder, model, opt, sched) -> dict | None:
-    path = Path(folder or ".") / CHECKPOINT
+def _load_checkpoint(folder, model, opt, sched, run) -> dict | None:
+    path = Path(folder) / CHECKPOINT
     if not path.exists():
         log.warning("no checkpoint at %s: starting from step 0", path)
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved_run = ckpt["run"]
     except Exception as err:  # a truncated or foreign file
         raise ValueError(f"cannot read training checkpoint {path}: {err}; delete it to "
                          "start over") from err
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
+    if saved_run != run:
+        raise ValueError(f"training checkpoint {path} belongs to another run ({saved_run}, "
+                         f"this run: {run}); repeat the interrupted command unchanged with "
+                         "--resume, or delete the checkpoint to start over")
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+    except (RuntimeError, ValueError) as err:  # shapes of another model (e.g. other sparsity)
+        raise ValueError(f"training checkpoint {path} does not fit this model: {err}; "
+                         "repeat the interrupted command unchanged, or delete it") from err
     sched.load_state_dict(ckpt["sched"])
     torch.set_rng_state(ckpt["rng"])
+    if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     log.info("resumed from %s at step %d", path, ckpt["state"]["step"])
     return ckpt["state"]

@@ -1,0 +1,414 @@
+"""The benchmark campaign: compress every (task, sparsity, method, re-finetune) point and bench it.
+
+For each point the runner calls the CLI, exactly as a person would::
+
+    pgb -q compress --model <teacher> --task <task> --data-dir <data> --sparsity S \
+        --out <runs>/<name> [variant flags] [--no-refinetune]
+    pgb -q bench --model <runs>/<name> --baseline <teacher> --batch-size B --seq-len L \
+        --threads T [--structured <runs>/<structured run of the same point>]
+
+and writes one JSON per run to ``<results>/<name>.json`` (schema in benchmarks/README.md).
+Tables and plots come from those files alone (``benchmarks/make_results.py``).
+
+- Resumable: a run whose result JSON exists is skipped (``--force`` re-runs everything,
+  ``--retry-failed`` re-runs the failed ones); a finished compress folder is reused, so a
+  run interrupted while benching only benches again.
+- A failing run is recorded (``"error"`` and the stderr tail) and the campaign goes on.
+- Order: no-re-finetune runs first (minutes each: a quick full picture), then re-finetuned
+  ones; inside a point, ``structured`` before the PGB variants so that they can time it in
+  their own bench process (both speed-ups measured under the same machine load).
+
+Usage: ``python benchmarks/campaign.py --tasks mrpc --sparsities 0.5 --methods pgb,structured``
+(``--dry-run`` prints the commands only). Run names look like ``minilm-sst2-pgb-s0.875-rft``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pgb.tasks import get_task  # noqa: E402  (light: no torch)
+
+# variant -> (pgb compress --method, extra flags). Ablations switch off one part of PGB.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pgb": ("pgb", ()),
+    "pgb-noperm": ("pgb", ("--no-permutation",)),
+    "pgb-uniform": ("pgb", ("--uniform-groups",)),
+    "pgb-nocomp": ("pgb", ("--no-compensation",)),
+    "structured": ("structured", ("--method", "structured")),
+    "magnitude": ("magnitude", ("--method", "magnitude")),
+}
+ORDER = ("structured", "magnitude", "pgb", "pgb-noperm", "pgb-uniform", "pgb-nocomp")
+DEFAULT_TEACHERS = ROOT / "runs" / "teachers"  # where benchmarks/teachers.sh writes
+# report.json fields kept in the result JSON ("matrices" is large and stays in the run folder)
+REPORT_KEYS = ("method", "target_sparsity", "achieved_sparsity", "params_before",
+               "params_after", "flops_ratio", "stage_seconds", "dropped_sublayers", "groups",
+               "teacher_metrics", "metrics", "compensation", "config", "command")
+TAIL_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of the grid."""
+
+    tag: str
+    task: str
+    sparsity: float
+    variant: str
+    refinetune: bool
+
+    @property
+    def name(self) -> str:
+        """E.g. ``minilm-sst2-pgb-s0.875-rft`` (``-nrft`` without re-finetuning)."""
+        rft = "rft" if self.refinetune else "nrft"
+        return f"{self.tag}-{self.task}-{self.variant}-s{self.sparsity:g}-{rft}"
+
+    @property
+    def method(self) -> str:
+        return VARIANTS[self.variant][0]
+
+    def structured_twin(self) -> Run:
+        """The structured run at the same task, sparsity and re-finetuning budget."""
+        return Run(self.tag, self.task, self.sparsity, "structured", self.refinetune)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Paths and bench settings shared by every run (absolute paths)."""
+
+    teachers: Path
+    runs: Path
+    results: Path
+    data_dir: Path
+    model: str | None
+    batch: int
+    seq: int
+    threads: int
+    seed: int | None
+    compress_args: tuple[str, ...]
+    bench_args: tuple[str, ...]
+
+
+def plan(tag: str, tasks: list[str], sparsities: list[float], variants: list[str],
+         refinetune: list[bool]) -> list[Run]:
+    """Every run of the grid in execution order (see the module docstring)."""
+    ranked = sorted(variants, key=ORDER.index)
+    return [Run(tag, task, s, v, rft) for rft in refinetune for task in tasks
+            for s in sparsities for v in ranked]
+
+
+def show(path: Path | str) -> str:
+    """A path as printed in commands: relative to the repository root when inside it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def compress_cmd(run: Run, teacher: Path, out: Path, cfg: Settings, overwrite: bool = False,
+                 resume: bool = False) -> list[str]:
+    cmd = ["pgb", "-q", "compress", "--model", show(teacher), "--task", run.task,
+           "--data-dir", show(cfg.data_dir), "--sparsity", f"{run.sparsity:g}",
+           "--out", show(out), *VARIANTS[run.variant][1]]
+    cmd += [] if run.refinetune else ["--no-refinetune"]
+    cmd += [] if cfg.seed is None else ["--seed", str(cfg.seed)]
+    cmd += ["--overwrite"] if overwrite else (["--resume"] if resume else [])
+    return cmd + list(cfg.compress_args)
+
+
+def bench_cmd(out: Path, teacher: Path, cfg: Settings, structured: Path | None) -> list[str]:
+    cmd = ["pgb", "-q", "bench", "--model", show(out), "--baseline", show(teacher),
+           "--batch-size", str(cfg.batch), "--seq-len", str(cfg.seq),
+           "--threads", str(cfg.threads)]
+    cmd += [] if structured is None else ["--structured", show(structured)]
+    return cmd + list(cfg.bench_args)
+
+
+def teacher_cmd(task: str, cfg: Settings) -> list[str]:
+    """How a missing teacher is made; only the default MiniLM teachers can be built here."""
+    if cfg.model is not None or cfg.teachers.resolve() != DEFAULT_TEACHERS.resolve():
+        raise FileNotFoundError(
+            f"no teacher at {cfg.teachers / task}; benchmarks/teachers.sh only builds the "
+            f"MiniLM teachers under runs/teachers. Fine-tune one with `pgb finetune --model "
+            f"{cfg.model or 'MODEL'} --task {task} --out {cfg.teachers / task}`")
+    return ["bash", "benchmarks/teachers.sh", task]
+
+
+# ---------------------------------------------------------------- result records
+
+
+def select_report(report: dict, task: str) -> dict:
+    """The report.json fields the tables need, plus the task's main metric and its ratio."""
+    out = {k: report[k] for k in REPORT_KEYS if k in report}
+    main = get_task(task).main_metric
+    value = (report.get("metrics") or {}).get(main)
+    teacher = (report.get("teacher_metrics") or {}).get(main)
+    out.update({"main_metric": main, "main_value": value, "teacher_main_value": teacher,
+                "ratio_to_teacher": value / teacher if value is not None and teacher else None,
+                "refinetune_steps": (report.get("refinetune") or {}).get("steps")})
+    return out
+
+
+def base_model(cfg: Settings, teacher: Path) -> str | None:
+    """The checkpoint the teacher was fine-tuned from (``--model``, else its metrics.json)."""
+    metrics = teacher / "metrics.json"
+    if cfg.model is None and metrics.is_file():
+        return json.loads(metrics.read_text()).get("model")
+    return cfg.model
+
+
+def base_record(run: Run, cfg: Settings, teacher: Path) -> dict:
+    return {"name": run.name, "model": base_model(cfg, teacher), "teacher": show(teacher),
+            "task": run.task,
+            "method": run.method, "variant": run.variant, "sparsity": run.sparsity,
+            "refinetune": run.refinetune, "seed": cfg.seed, "commands": []}
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write atomically: a campaign killed mid-write leaves no half file to skip over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class RunFailed(RuntimeError):
+    """A command exited non-zero; carries the tail of its stderr."""
+
+    def __init__(self, cmd: list[str], rc: int, stderr: str):
+        super().__init__(f"`{' '.join(cmd[:3])}` exited with status {rc}")
+        self.stderr_tail = stderr[-TAIL_CHARS:]
+
+
+def call(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run ``cmd`` from the repository root; return its stdout or raise :class:`RunFailed`."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RunFailed(cmd, proc.returncode, proc.stderr or proc.stdout)
+    return proc.stdout
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object on the last non-empty stdout line (the CLI's convention)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("the command printed nothing on stdout; expected a JSON line")
+    return json.loads(lines[-1])
+
+
+def ensure_teacher(task: str, cfg: Settings, cache: dict[str, str | None]) -> None:
+    """Build a missing teacher once per campaign; a failure is remembered per task."""
+    if (cfg.teachers / task).is_dir():
+        return
+    if task not in cache:
+        try:
+            env = {**os.environ, "PGB_DATA_DIR": str(cfg.data_dir)}
+            call(teacher_cmd(task, cfg), env=env)
+            cache[task] = None
+        except (RunFailed, FileNotFoundError) as err:
+            cache[task] = f"teacher: {err}\n{getattr(err, 'stderr_tail', '')}"
+    if cache[task]:
+        raise RuntimeError(cache[task])
+
+
+def execute(run: Run, cfg: Settings, force: bool, teacher_errors: dict) -> dict:
+    """Compress (or reuse the finished folder), bench, and return the result record."""
+    start = time.time()
+    teacher, out = cfg.teachers / run.task, cfg.runs / run.name
+    record = base_record(run, cfg, teacher)
+    try:
+        ensure_teacher(run.task, cfg, teacher_errors)
+        record["model"] = base_model(cfg, teacher)
+        if force or not (out / "report.json").is_file():
+            resume = (cfg.runs / f".{run.name}.resume").is_dir()
+            cmd = compress_cmd(run, teacher, out, cfg, overwrite=force and out.exists(),
+                               resume=resume and not force)
+            record["commands"].append(shlex.join(cmd))
+            call(cmd)
+        else:
+            record["reused_compress_output"] = True
+        report = json.loads((out / "report.json").read_text())
+        record["versions"] = report.get("versions")
+        record["report"] = select_report(report, run.task)
+        if record["seed"] is None:
+            record["seed"] = (report.get("config") or {}).get("seed")
+        record["loadavg_before_bench"] = list(os.getloadavg())
+        cmd = bench_cmd(out, teacher, cfg, structured_for(run, cfg, planned=False))
+        record["commands"].append(shlex.join(cmd))
+        record["bench"] = last_json(call(cmd))
+    except Exception as err:  # any failure is recorded and the campaign goes on
+        record["error"] = f"{type(err).__name__}: {err}"
+        record["stderr_tail"] = getattr(err, "stderr_tail", "")
+    record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    record["wall_seconds"] = round(time.time() - start, 1)
+    return record
+
+
+def structured_for(run: Run, cfg: Settings, planned: bool) -> Path | None:
+    """The structured twin's folder for a PGB variant, if it exists (or is planned)."""
+    if run.method != "pgb":
+        return None
+    folder = cfg.runs / run.structured_twin().name
+    return folder if planned or (folder / "report.json").is_file() else None
+
+
+# ---------------------------------------------------------------- driver
+
+
+def should_skip(path: Path, force: bool, retry_failed: bool) -> bool:
+    """Skip a run whose result exists, unless forced (or it failed and retries are asked)."""
+    if force or not path.is_file():
+        return False
+    if not retry_failed:
+        return True
+    try:
+        return "error" not in json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def eta_seconds(todo: list[Run], done: dict[bool, list[float]]) -> float | None:
+    """Remaining time: per re-finetuning mode, the mean duration so far times the runs left."""
+    every = [s for times in done.values() for s in times]
+    if not every:
+        return None
+    mean = {k: sum(v) / len(v) for k, v in done.items() if v}
+    overall = sum(every) / len(every)
+    return sum(mean.get(r.refinetune, overall) for r in todo)
+
+
+def hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def dry_run(runs: list[Run], cfg: Settings, planned: set[str], limit: int | None) -> None:
+    """Print what would run, teachers included; nothing is executed."""
+    shown: set[str] = set()
+    for run in runs[:limit]:
+        teacher = cfg.teachers / run.task
+        if not teacher.is_dir() and run.task not in shown:
+            shown.add(run.task)
+            try:
+                print(shlex.join(teacher_cmd(run.task, cfg)))
+            except FileNotFoundError as err:
+                print(f"# {err}")
+        structured = structured_for(run, cfg, planned=False)
+        twin = run.structured_twin().name
+        if structured is None and run.method == "pgb" and twin in planned:
+            structured = cfg.runs / twin
+        print(f"# {run.name}")
+        print(shlex.join(compress_cmd(run, teacher, cfg.runs / run.name, cfg)))
+        print(shlex.join(bench_cmd(cfg.runs / run.name, teacher, cfg, structured)))
+
+
+def campaign(runs: list[Run], cfg: Settings, force: bool, limit: int | None) -> int:
+    """Execute ``runs``; returns the number of failed runs."""
+    done: dict[bool, list[float]] = {True: [], False: []}
+    teacher_errors: dict[str, str | None] = {}
+    failed = 0
+    for i, run in enumerate(runs[:limit]):
+        record = execute(run, cfg, force, teacher_errors)
+        write_json(cfg.results / f"{run.name}.json", record)
+        done[run.refinetune].append(record["wall_seconds"])
+        failed += "error" in record
+        status = f"FAILED ({record['error'][:80]})" if "error" in record else "ok"
+        print(f"[{i + 1}/{len(runs[:limit])}] {run.name}: {status} in "
+              f"{hms(record['wall_seconds'])} | ETA {hms(eta_seconds(runs[i + 1:limit], done))}",
+              flush=True)
+    return failed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="sst2,mrpc,stsb,cola")
+    p.add_argument("--sparsities", default="0.5,0.75,0.875")
+    p.add_argument("--methods", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--refinetune", choices=("both", "yes", "no"), default="both")
+    p.add_argument("--model", help="base checkpoint of the teachers (recorded; default: the "
+                   "packaged MiniLM-L6 that benchmarks/teachers.sh fine-tunes)")
+    p.add_argument("--tag", help="run-name prefix (default: minilm, or --model's folder name)")
+    p.add_argument("--teachers", default=str(DEFAULT_TEACHERS), help="<teachers>/<task>")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "campaign"), help="model folders")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "campaign"))
+    p.add_argument("--data-dir", default=os.environ.get("PGB_DATA_DIR")
+                   or str(ROOT.parent / "shared" / "data"), help="default: $PGB_DATA_DIR")
+    p.add_argument("--bench-batch", type=int, default=32)
+    p.add_argument("--bench-seq", type=int, default=128)
+    p.add_argument("--bench-threads", type=int, default=2)
+    p.add_argument("--seed", type=int, help="passed to pgb compress (default: its own)")
+    p.add_argument("--compress-args", default="", help="extra flags for every pgb compress, "
+                   "e.g. '--calib-samples 64 --refinetune-steps 10' for a smoke run")
+    p.add_argument("--bench-args", default="", help="extra flags for every pgb bench")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--limit", type=int, help="stop after N runs (skipped ones not counted)")
+    p.add_argument("--force", action="store_true", help="re-run runs that have results")
+    p.add_argument("--retry-failed", action="store_true", help="re-run failed runs")
+    return p.parse_args(argv)
+
+
+def split(text: str, kind=str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        teachers=Path(args.teachers).resolve(), runs=Path(args.runs).resolve(),
+        results=Path(args.results).resolve(), data_dir=Path(args.data_dir).resolve(),
+        model=args.model, batch=args.bench_batch, seq=args.bench_seq,
+        threads=args.bench_threads, seed=args.seed,
+        compress_args=tuple(shlex.split(args.compress_args)),
+        bench_args=tuple(shlex.split(args.bench_args)))
+
+
+def grid(args: argparse.Namespace) -> list[Run]:
+    """The planned runs; unknown tasks, variants or sparsities are errors that name the fix."""
+    tasks = [get_task(t).name for t in split(args.tasks)]
+    variants = split(args.methods)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown}; choose from {', '.join(VARIANTS)}")
+    sparsities = split(args.sparsities, float)
+    bad = [s for s in sparsities if not 0.0 <= s < 1.0]
+    if bad:
+        raise ValueError(f"sparsity must be in [0, 1), got {bad}")
+    refinetune = {"both": [False, True], "yes": [True], "no": [False]}[args.refinetune]
+    tag = args.tag or (Path(args.model).name.lower() if args.model else "minilm")
+    return plan(tag, tasks, sparsities, variants, refinetune)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = grid(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = settings(args)
+    todo = [r for r in runs if not should_skip(cfg.results / f"{r.name}.json", args.force,
+                                               args.retry_failed)]
+    print(f"# {len(runs)} runs in the grid, {len(runs) - len(todo)} with results already "
+          f"(skipped), {len(todo[:args.limit])} to run", flush=True)
+    if args.dry_run:
+        dry_run(todo, cfg, {r.name for r in runs}, args.limit)
+        return 0
+    failed = campaign(todo, cfg, args.force, args.limit)
+    print(f"# done: {failed} failed; results in {show(cfg.results)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The benchmark campaign tools: the runner's commands, skipping and records (with a fake
+CLI), and the tables/plots built from synthetic result files. No training, no models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+campaign = _load("campaign")
+make_results = _load("make_results")
+
+
+# ---------------------------------------------------------------- make_results
+
+MAIN = {"mrpc": ("accuracy", "f1"), "stsb": ("spearman", "pearson")}
+
+
+def result(task: str, variant: str, sparsity: float, metric: float, speedup: float,
+           teacher: float = 0.8, rft: bool = True) -> dict:
+    """A synthetic campaign record; params, sizes and seconds fixed to known values."""
+    main, other = MAIN[task]
+    rft_tag = "rft" if rft else "nrft"
+    return {
+        "name": f"minilm-{task}-{variant}-s{sparsity:g}-{rft_tag}", "model": "minilm",
+        "task": task, "method": variant.split("-")[0], "variant": variant,
+        "sparsity": sparsity, "refinetune": rft, "seed": 0,
+        "commands": [f"pgb -q compress --task {task} --sparsity {sparsity:g}",
+                     "pgb -q bench --batch-size 32"],
+        "versions": {"pgb": "0.1.0", "torch": "2.13.0+cpu"},
+        "report": {"achieved_sparsity": sparsity, "params_before": 22_700_000,
+                   "params_after": 17_400_000, "flops_ratio": 1 - sparsity,
+                   "stage_seconds": {"importance": 10.0, "grouping": 20.0,
+                                     "compensation": 30.0, "refinetune": 100.0},
+                   "dropped_sublayers": ["0.attn", "3.ffn"],
+                   "teacher_metrics": {main: teacher, other: 0.9, "samples": 408},
+                   "metrics": {main: metric, other: 0.85, "samples": 408},
+                   "main_metric": main, "main_value": metric, "teacher_main_value": teacher,
+                   "ratio_to_teacher": metric / teacher},
+        "bench": {"speedup": speedup, "checkpoint_bytes": 40 * 2**20, "device": "cpu",
+                  "threads": 2, "batch_size": 32, "seq_len": 128, "torch": "2.13.0+cpu",
+                  "baseline_checkpoint_bytes": 87 * 2**20},
+        "loadavg_before_bench": [1.5, 1.0, 1.0], "date": "2025-01-01T00:00:00+00:00",
+        "wall_seconds": 170.0,
+    }
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    """Two tasks x three methods x two sparsities; magnitude at 0.75 on MRPC failed."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    metrics = {  # (task, variant) -> metric at 0.5, 0.75; speed-ups 1.8 and 2.5 for all
+        ("mrpc", "pgb"): (0.76, 0.72), ("mrpc", "structured"): (0.74, 0.73),
+        ("mrpc", "magnitude"): (0.70, None),
+        ("stsb", "pgb"): (0.85, 0.80), ("stsb", "structured"): (0.86, 0.70),
+        ("stsb", "magnitude"): (0.84, 0.60),
+    }
+    for (task, variant), values in metrics.items():
+        for sparsity, value, speedup in zip((0.5, 0.75), values, (1.8, 2.5), strict=True):
+            record = result(task, variant, sparsity, value or 0.0, speedup)
+            if value is None:
+                record = {k: record[k] for k in ("name", "task", "method", "variant",
+                                                 "sparsity", "refinetune", "seed", "commands")}
+                record.update(error="RunFailed: `pgb -q compress` exited with status 1",
+                              stderr_tail="Traceback ...")
+            (folder / f"{record['name']}.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_results_md_rows_and_percent_of_teacher(results_dir, tmp_path):
+    out, plots = tmp_path / "RESULTS.md", tmp_path / "plots"
+    assert make_results.main(["--results", str(results_dir), "--out", str(out),
+                              "--plots", str(plots)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmark campaign results")
+    assert "Do not edit by hand" in text
+    # 0.76 / 0.80 = 95.0 %; prune+comp = 10 + 20 + 30; params 17.4 M; 40 MiB; 2 dropped
+    assert ("| pgb | 0.5 | yes | 0.7600 | 95.0% | f1 0.8500 | 0.500 | 17.40 | 0.500 | 1.80× | "
+            "40.0 | 60 | 100 | 2 |") in text
+    assert "| structured | 0.75 | yes | 0.7300 | 91.2% |" in text
+    assert "| magnitude | 0.75 | yes | failed | – | RunFailed:" in text
+    assert "| pgb | 0.75 | yes | 0.8000 | 100.0% | pearson 0.8500 |" in text  # stsb
+    assert "- versions: pgb 0.1.0, torch 2.13.0+cpu" in text
+    assert "- bench: device cpu, threads 2, batch_size 32, seq_len 128" in text
+    assert "12 result files, 1 failed" in text
+    assert "- **minilm-mrpc-pgb-s0.5-rft** (seed 0): `pgb -q compress --task mrpc" in text
+
+
+def test_pgb_vs_baselines_table(results_dir):
+    text = make_results.render(make_results.load_results(results_dir))
+    # PGB 0.76 vs structured 0.74 (yes) and magnitude 0.70 (yes); at 0.75 magnitude failed
+    assert "| mrpc | 0.5 | yes | 0.7600 | 0.7400 | yes | 0.7000 | yes | 1.80× |" in text
+    assert "| mrpc | 0.75 | yes | 0.7200 | 0.7300 | no | – | – | 2.50× |" in text
+    assert "| stsb | 0.5 | yes | 0.8500 | 0.8600 | no | 0.8400 | yes |" in text
+
+
+def test_dominance_known_answer():
+    P = make_results.Point
+    structured = P("s", 0.80, 2.0)
+    candidates = [P("slower", 0.82, 1.9), P("worse", 0.79, 3.0), P("both", 0.81, 2.1),
+                  P("equal", 0.80, 2.0)]
+    assert make_results.dominating(structured, candidates) == P("both", 0.81, 2.1)
+    assert make_results.dominating(structured, [P("equal", 0.80, 2.0)]) == P("equal", 0.80, 2.0)
+    assert make_results.dominating(structured, candidates[:2]) is None
+    assert make_results.dominating(P("s", 0.9, 1.0), candidates) is None
+
+
+def test_dominance_rows_from_records(results_dir):
+    rows = make_results.dominance_rows(make_results.load_results(results_dir))
+    verdicts = {(r[0], r[1]): r[5] for r in rows}
+    # mrpc structured (0.74, 1.8x) <- pgb (0.76, 1.8x); (0.73, 2.5x): pgb 0.72 at 2.5x is worse
+    # stsb structured (0.86, 1.8x): no pgb point reaches 0.86; (0.70, 2.5x) <- pgb (0.80, 2.5x)
+    assert verdicts == {("mrpc", "0.5"): "yes", ("mrpc", "0.75"): "no",
+                        ("stsb", "0.5"): "no", ("stsb", "0.75"): "yes"}
+    assert rows[0][6] == "minilm-mrpc-pgb-s0.5-rft (0.7600, 1.80×)"
+
+
+def test_plots_are_pngs(results_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    written = make_results.make_plots(make_results.load_results(results_dir), tmp_path / "p")
+    names = sorted(p.name for p in written)
+    assert names == ["compression_time.png", "mrpc_metric_vs_sparsity.png",
+                     "mrpc_metric_vs_speedup.png", "stsb_metric_vs_sparsity.png",
+                     "stsb_metric_vs_speedup.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_robust_to_missing_fields_and_unreadable_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "bare.json").write_text(json.dumps({"name": "bare", "task": "mrpc"}))
+    partial = result("mrpc", "pgb", 0.5, 0.7, 1.5)
+    del partial["bench"], partial["report"]["stage_seconds"]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    records = make_results.load_results(tmp_path)
+    text = make_results.render(records)
+    assert "| pgb | 0.5 | yes | 0.7000 | 87.5% |" in text
+    assert "unreadable result file" in text
+    assert "3 result files, 2 failed" in text
+    assert make_results.make_plots(records, tmp_path / "p")[0].name == \
+        "mrpc_metric_vs_sparsity.png"  # no speed-up or time plot without bench/seconds
+
+
+# ---------------------------------------------------------------- campaign: dry run
+
+
+def dry(capsys, tmp_path: Path, *extra: str) -> list[str]:
+    teachers = tmp_path / "teachers"
+    (teachers / "mrpc").mkdir(parents=True, exist_ok=True)
+    argv = ["--tasks", "mrpc", "--sparsities", "0.5", "--teachers", str(teachers),
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res"),
+            "--data-dir", str(tmp_path / "data"), "--dry-run", *extra]
+    assert campaign.main(argv) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_run_name_pattern():
+    assert campaign.Run("minilm", "sst2", 0.875, "pgb", True).name == "minilm-sst2-pgb-s0.875-rft"
+    assert campaign.Run("minilm", "cola", 0.5, "magnitude", False).name == \
+        "minilm-cola-magnitude-s0.5-nrft"
+
+
+def test_dry_run_prints_exact_commands(capsys, tmp_path):
+    lines = dry(capsys, tmp_path, "--methods", "pgb,pgb-noperm,magnitude,structured",
+                "--refinetune", "both")
+    t, r, d = tmp_path / "teachers" / "mrpc", tmp_path / "runs", str(tmp_path / "data")
+    names = [line[2:] for line in lines[1:] if line.startswith("# ")]
+    assert names == [f"minilm-mrpc-{v}-s0.5-{rft}" for rft in ("nrft", "rft")
+                     for v in ("structured", "magnitude", "pgb", "pgb-noperm")]
+    cmds = {(c[2], c[c.index("--out" if c[2] == "compress" else "--model") + 1]): c
+            for c in (shlex.split(line) for line in lines if line.startswith("pgb "))}
+    assert len(cmds) == 16
+
+    def compress(name, *flags):
+        return ["pgb", "-q", "compress", "--model", str(t), "--task", "mrpc", "--data-dir", d,
+                "--sparsity", "0.5", "--out", str(r / name), *flags]
+
+    def bench(name, *flags):
+        return ["pgb", "-q", "bench", "--model", str(r / name), "--baseline", str(t),
+                "--batch-size", "32", "--seq-len", "128", "--threads", "2", *flags]
+
+    pgb = "minilm-mrpc-pgb-s0.5-rft"
+    assert cmds[("compress", str(r / pgb))] == compress(pgb)
+    assert cmds[("bench", str(r / pgb))] == bench(
+        pgb, "--structured", str(r / "minilm-mrpc-structured-s0.5-rft"))
+    name = "minilm-mrpc-pgb-noperm-s0.5-nrft"
+    assert cmds[("compress", str(r / name))] == compress(name, "--no-permutation",
+                                                         "--no-refinetune")
+    assert cmds[("bench", str(r / name))] == bench(
+        name, "--structured", str(r / "minilm-mrpc-structured-s0.5-nrft"))
+    name = "minilm-mrpc-magnitude-s0.5-rft"
+    assert cmds[("compress", str(r / name))] == compress(name, "--method", "magnitude")
+    assert cmds[("bench", str(r / name))] == bench(name)
+    name = "minilm-mrpc-structured-s0.5-nrft"
+    assert cmds[("compress", str(r / name))] == compress(name, "--method", "structured",
+                                                         "--no-refinetune")
+
+
+def test_dry_run_variant_flags_and_bench_settings(capsys, tmp_path):
+    lines = dry(capsys, tmp_path, "--methods", "pgb-uniform,pgb-nocomp", "--refinetune", "yes",
+                "--bench-batch", "8", "--bench-seq", "64", "--bench-threads", "1",
+                "--seed", "3", "--compress-args", "--calib-samples 16")
+    compress = [shlex.split(x) for x in lines if x.startswith("pgb -q compress")]
+    assert [c[c.index("--out") + 2:] for c in compress] == [
+        ["--uniform-groups", "--seed", "3", "--calib-samples", "16"],
+        ["--no-compensation", "--seed", "3", "--calib-samples", "16"]]
+    bench = [shlex.split(x) for x in lines if x.startswith("pgb -q bench")]
+    # no structured run planned or present: no --structured flag
+    assert [c[-6:] for c in bench] == [["--batch-size", "8", "--seq-len", "64",
+                                        "--threads", "1"]] * 2
+
+
+def test_missing_teacher_is_built_by_teachers_sh(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "DEFAULT_TEACHERS", tmp_path / "teachers")
+    lines = dry(capsys, tmp_path, "--tasks", "mrpc,stsb", "--methods", "pgb",
+                "--refinetune", "no")
+    assert lines.count("bash benchmarks/teachers.sh stsb") == 1
+    assert "bash benchmarks/teachers.sh mrpc" not in lines  # its folder exists
+
+
+def test_missing_teacher_elsewhere_is_an_explained_error(capsys, tmp_path):
+    lines = dry(capsys, tmp_path, "--tasks", "stsb", "--methods", "pgb", "--refinetune", "no")
+    assert any(line.startswith("# no teacher at") and "pgb finetune" in line for line in lines)
+
+
+def test_unknown_method_is_rejected(capsys, tmp_path):
+    assert campaign.main(["--methods", "pgb,prune-all", "--dry-run"]) == 2
+    assert "unknown method ['prune-all']" in capsys.readouterr().err
+
+
+def test_existing_results_are_skipped(capsys, tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "minilm-mrpc-pgb-s0.5-nrft.json").write_text(json.dumps({"name": "x"}))
+    (res / "minilm-mrpc-magnitude-s0.5-nrft.json").write_text(json.dumps({"error": "boom"}))
+    args = ("--methods", "pgb,magnitude,structured", "--refinetune", "no")
+    lines = dry(capsys, tmp_path, *args)
+    assert lines[0] == "# 3 runs in the grid, 2 with results already (skipped), 1 to run"
+    assert [x for x in lines if x.startswith("# minilm")] == [
+        "# minilm-mrpc-structured-s0.5-nrft"]
+    lines = dry(capsys, tmp_path, *args, "--retry-failed")
+    assert [x for x in lines if x.startswith("# minilm")] == [
+        "# minilm-mrpc-structured-s0.5-nrft", "# minilm-mrpc-magnitude-s0.5-nrft"]
+    lines = dry(capsys, tmp_path, *args, "--force", "--limit", "2")
+    assert len([x for x in lines if x.startswith("# minilm")]) == 2
+
+
+# ---------------------------------------------------------------- campaign: execution
+
+
+class FakeCLI:
+    """Stands in for ``campaign.call``: writes report.json for compress, prints bench JSON."""
+
+    def __init__(self, fail: str = "", teachers: Path | None = None):
+        self.calls: list[list[str]] = []
+        self.fail, self.teachers = fail, teachers
+
+    def __call__(self, cmd: list[str], env=None) -> str:
+        self.calls.append(cmd)
+        if cmd[0] == "bash":  # benchmarks/teachers.sh TASK
+            (self.teachers / cmd[-1]).mkdir(parents=True)
+            return ""
+        out = Path(cmd[cmd.index("--out") + 1] if "--out" in cmd else "")
+        if cmd[2] == "compress":
+            if self.fail and self.fail in out.name:
+                raise campaign.RunFailed(cmd, 1, "x" * 5000 + "CUDA out of memory")
+            out.mkdir(parents=True, exist_ok="--overwrite" in cmd)
+            report = result("mrpc", "pgb", 0.5, 0.72, 0.0)["report"]
+            report.update(config={"seed": 0}, versions={"pgb": "0.1.0"}, matrices=[1] * 9)
+            (out / "report.json").write_text(json.dumps(report))
+            return '{"method": "pgb"}\n'
+        return "progress noise\n" + json.dumps({"speedup": 1.7, "latency_ms": 10.0}) + "\n"
+
+
+def test_campaign_writes_records_and_continues_after_a_failure(capsys, tmp_path, monkeypatch):
+    fake = FakeCLI(fail="magnitude")
+    monkeypatch.setattr(campaign, "call", fake)
+    (tmp_path / "teachers" / "mrpc").mkdir(parents=True)
+    argv = ["--tasks", "mrpc", "--sparsities", "0.5", "--methods", "pgb,magnitude,structured",
+            "--refinetune", "no", "--teachers", str(tmp_path / "teachers"),
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res"),
+            "--data-dir", str(tmp_path / "data")]
+    assert campaign.main(argv) == 1  # one failed run
+    progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    assert [x.split(":")[0] for x in progress] == [
+        "[1/3] minilm-mrpc-structured-s0.5-nrft", "[2/3] minilm-mrpc-magnitude-s0.5-nrft",
+        "[3/3] minilm-mrpc-pgb-s0.5-nrft"]
+    assert "FAILED" in progress[1] and "ETA" in progress[0]
+
+    rec = json.loads((tmp_path / "res" / "minilm-mrpc-pgb-s0.5-nrft.json").read_text())
+    assert {"name", "model", "task", "method", "variant", "sparsity", "refinetune", "seed",
+            "commands", "versions", "report", "bench", "date", "wall_seconds"} <= set(rec)
+    assert (rec["method"], rec["variant"], rec["refinetune"], rec["seed"]) == \
+        ("pgb", "pgb", False, 0)
+    assert rec["report"]["main_metric"] == "accuracy"
+    assert rec["report"]["main_value"] == 0.72
+    assert rec["report"]["ratio_to_teacher"] == pytest.approx(0.9)
+    assert "matrices" not in rec["report"] and rec["bench"]["speedup"] == 1.7
+    assert [shlex.split(c)[2] for c in rec["commands"]] == ["compress", "bench"]
+    assert shlex.split(rec["commands"][1])[-2:] == [
+        "--structured", str(tmp_path / "runs" / "minilm-mrpc-structured-s0.5-nrft")]
+
+    bad = json.loads((tmp_path / "res" / "minilm-mrpc-magnitude-s0.5-nrft.json").read_text())
+    assert bad["error"] == "RunFailed: `pgb -q compress` exited with status 1"
+    assert bad["stderr_tail"].endswith("CUDA out of memory")
+    assert len(bad["stderr_tail"]) == campaign.TAIL_CHARS
+
+    fake.calls.clear()  # a second campaign skips everything that has a result
+    assert campaign.main(argv) == 0 and fake.calls == []
+
+
+def test_finished_compress_folder_is_reused(tmp_path, monkeypatch):
+    fake = FakeCLI()
+    monkeypatch.setattr(campaign, "call", fake)
+    (tmp_path / "teachers" / "mrpc").mkdir(parents=True)
+    argv = ["--tasks", "mrpc", "--sparsities", "0.5", "--methods", "pgb", "--refinetune",
+            "yes", "--teachers", str(tmp_path / "teachers"), "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res")]
+    assert campaign.main(argv) == 0
+    (tmp_path / "res" / "minilm-mrpc-pgb-s0.5-rft.json").unlink()  # e.g. killed while benching
+    fake.calls.clear()
+    assert campaign.main(argv) == 0
+    assert [c[2] for c in fake.calls] == ["bench"]
+    fake.calls.clear()
+    assert campaign.main([*argv, "--force"]) == 0
+    assert [c[2] for c in fake.calls] == ["compress", "bench"] and "--overwrite" in fake.calls[0]
+
+
+def test_missing_teacher_is_built_once_or_recorded_as_the_failure(tmp_path, monkeypatch):
+    argv = ["--tasks", "mrpc", "--sparsities", "0.5,0.75", "--methods", "pgb",
+            "--refinetune", "no", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res"), "--teachers", str(tmp_path / "teachers")]
+    fake = FakeCLI(teachers=tmp_path / "teachers")
+    monkeypatch.setattr(campaign, "call", fake)
+    monkeypatch.setattr(campaign, "DEFAULT_TEACHERS", tmp_path / "teachers")
+    assert campaign.main(argv) == 0
+    assert [c[:2] + c[2:3] for c in fake.calls] == [
+        ["bash", "benchmarks/teachers.sh", "mrpc"], ["pgb", "-q", "compress"],
+        ["pgb", "-q", "bench"], ["pgb", "-q", "compress"], ["pgb", "-q", "bench"]]
+
+    fake.calls.clear()  # a teacher folder elsewhere that is missing: recorded, nothing run
+    other = [*argv[:-1], str(tmp_path / "elsewhere"), "--results", str(tmp_path / "res2")]
+    assert campaign.main(other) == 1 and fake.calls == []
+    rec = json.loads((tmp_path / "res2" / "minilm-mrpc-pgb-s0.5-nrft.json").read_text())
+    assert rec["error"].startswith("RuntimeError: teacher: no teacher at")
