@@ -18,11 +18,14 @@ Example::
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass
 
 from .arch import SUBLAYERS, Dims
 from .grouping import Grouping
 from .recipe import MatrixPlan, Recipe, SublayerPlan
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, str]  # (layer, "attn" | "ffn")
 
@@ -85,8 +88,34 @@ def allocate(groupings: dict[Key, dict[int, Grouping]], dims: Dims, model_type: 
     else:
         choice = _phase1(groupings, dims, budget, allow_drop)
     kept = {k: _all_blocks(k[1], g) for k, g in choice.items()}
-    _phase2(groupings, choice, kept, dims, budget, tolerance * total)
-    return _recipe(groupings, choice, kept, dims, model_type)
+    _phase2(groupings, choice, kept, dims, budget, tolerance * total, allow_drop)
+    recipe = _recipe(groupings, choice, kept, dims, model_type)
+    _check_budget(recipe, sparsity, groupings, allow_drop)
+    return recipe
+
+
+def _check_budget(recipe: Recipe, sparsity: float, groupings, allow_drop: bool,
+                  warn_miss: float = 0.005, max_miss: float = 0.05) -> None:
+    """Warn when the achieved sparsity misses the target by more than half a point; refuse
+    a miss above ``max_miss`` (5 points): that model is not the one asked for.
+
+    Misses come from coarse blocks: with G=1 a block is a whole matrix, so small --max-groups,
+    --no-drop or tiny models can leave no allocation near the target.
+    """
+    achieved = recipe.sparsity()
+    miss = abs(achieved - sparsity)
+    if miss <= warn_miss:
+        return
+    largest = max((g for by_g in groupings.values() for g in by_g), default=1)
+    fixes = [f"allow more groups (--max-groups; the largest candidate G is {largest})"]
+    if not allow_drop:
+        fixes.append("allow dropping whole sublayers (remove --no-drop / --uniform-groups)")
+    text = (f"cannot meet sparsity {sparsity:g}: the closest allocation found removes "
+            f"{achieved:.4f} of the encoder linear weights; {' or '.join(fixes)}, or choose "
+            f"a sparsity near {achieved:.3f}")
+    if miss > max_miss:
+        raise ValueError(text)
+    log.warning("%s (continuing: the miss is under %g)", text, max_miss)
 
 
 def _phase1(groupings, dims, budget, allow_drop) -> dict[Key, int]:
@@ -112,8 +141,10 @@ def _all_blocks(kind: str, groups: int) -> dict[str, list[int]]:
         {r: [] for r in SUBLAYERS[kind]}
 
 
-def _phase2(groupings, choice, kept, dims, budget, slack) -> None:
-    """Drop single weak blocks until the kept weights fit the budget."""
+def _phase2(groupings, choice, kept, dims, budget, slack, allow_drop: bool = True) -> None:
+    """Drop single weak blocks until the kept weights fit the budget.
+
+    Without ``allow_drop`` a sublayer keeps its last block (else it would be dropped)."""
     size = _sizes(dims)
     used = sum(size[k[1]] // g * len(SUBLAYERS[k[1]]) for k, g in choice.items() if g)
     cands = []  # (importance per weight, block weights, key, role, block)
@@ -132,6 +163,8 @@ def _phase2(groupings, choice, kept, dims, budget, slack) -> None:
             if b not in kept[k][role] or \
                     (strict and used - block < budget - slack and block > smallest):
                 continue  # too coarse: finer blocks get closer to the budget
+            if not allow_drop and sum(map(len, kept[k].values())) == 1:
+                continue  # the sublayer's last block: --no-drop forbids dropping it
             kept[k][role].remove(b)
             used -= block
 

@@ -65,6 +65,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted re-finetune from OUT's checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="re-finetuning steps between resumable checkpoints (0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,12 +136,14 @@ def compress_config(args) -> CompressConfig:
         refinetune=not args.no_refinetune, distill=not args.no_distill,
         refinetune_epochs=args.refinetune_epochs, refinetune_steps=args.refinetune_steps,
         refinetune_lr=args.refinetune_lr, max_train_samples=args.max_train_samples,
-        seed=args.seed)
+        seed=args.seed, checkpoint_every=args.checkpoint_every)
 
 
 def cmd_compress(args) -> dict:
     cfg = compress_config(args)
-    out = check_output(args.out, args.overwrite or args.resume, inputs=(args.model,))
+    # --resume does not imply --overwrite: OUT only appears once a run finished, so an
+    # existing OUT is a finished result that resuming must not silently replace
+    out = check_output(args.out, args.overwrite, inputs=(args.model,))
     return compress_teacher(args, cfg, out, args.model)
 
 
@@ -157,7 +159,7 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
     teacher, tok, path = load_task_model(teacher_path, task)
     data = TaskData(task, tok, args.data_dir, files, cfg.max_length,
                     max_samples=cfg.max_train_samples, seed=cfg.seed)
-    with atomic_folder(out, True if args.resume else args.overwrite) as tmp:
+    with atomic_folder(out, args.overwrite) as tmp:
         handler = mirror_log(tmp)
         result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
                             checkpoint_dir=out.parent / f".{out.name}.resume",
