@@ -7,6 +7,7 @@ logs go to stderr (and to ``OUT/log.txt`` for commands that write a folder).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -114,12 +115,17 @@ def setup_logging(quiet: bool = False) -> None:
     root.setLevel(logging.INFO)  # the log file always gets INFO; --quiet only hushes stderr
 
 
-def mirror_log(folder: Path) -> logging.Handler:
-    """Also write pgb's log to ``folder/log.txt``."""
+@contextlib.contextmanager
+def mirror_log(folder: Path):
+    """Also write pgb's log to ``folder/log.txt`` while the block runs."""
     handler = logging.FileHandler(folder / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("pgb").addHandler(handler)
-    return handler
+    try:
+        yield handler
+    finally:
+        logging.getLogger("pgb").removeHandler(handler)
+        handler.close()
 
 
 def emit(result: dict) -> None:
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgb {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pgb {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        print(f"pgb {args.command}: interrupted; no partial output was left (an interrupted "
+              "re-finetune continues with the same command plus --resume)", file=sys.stderr)
         return 130
     if result is not None:
         emit(result)

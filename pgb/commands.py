@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,8 +104,7 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
     task = _resolve_labels(task, data.train_df)
     data.task = task
     model, tok, path = load_task_model(model_name or args.model, task)
-    with atomic_folder(out, args.overwrite) as tmp:
-        handler = mirror_log(tmp)
+    with atomic_folder(out, args.overwrite) as tmp, mirror_log(tmp):
         log.info("fine-tuning %s on %s (%d train features) -> %s", path, task.name,
                  len(data.train), out)
         info = train(model, data.epoch_batches(cfg.batch_size, cfg.seed), cfg,
@@ -121,8 +121,6 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
                   "max_length": args.max_length, "train_features": len(data.train),
                   "versions": _versions(), "command": " ".join(["pgb", *sys.argv[1:]])}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
-        logging.getLogger("pgb").removeHandler(handler)
-        handler.close()
     log.info("teacher saved to %s: %s", out, metrics)
     return metrics
 
@@ -159,10 +157,10 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
     teacher, tok, path = load_task_model(teacher_path, task)
     data = TaskData(task, tok, args.data_dir, files, cfg.max_length,
                     max_samples=cfg.max_train_samples, seed=cfg.seed)
-    with atomic_folder(out, args.overwrite) as tmp:
-        handler = mirror_log(tmp)
+    resume_dir = out.parent / f".{out.name}.resume"
+    with atomic_folder(out, args.overwrite) as tmp, mirror_log(tmp):
         result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
-                            checkpoint_dir=out.parent / f".{out.name}.resume",
+                            checkpoint_dir=resume_dir,
                             resume=args.resume)
         result.report.update({"teacher": path, "versions": _versions(),
                               "command": " ".join(["pgb", *sys.argv[1:]])})
@@ -176,8 +174,7 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
             _save_plain(result.model, tok, tmp, task)
         (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
         (tmp / "config.pgb.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        logging.getLogger("pgb").removeHandler(handler)
-        handler.close()
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the output is in place: nothing to resume
     return _summary(result.report)
 
 

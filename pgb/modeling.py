@@ -67,7 +67,16 @@ def load_config(name: str):
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "sentencepiece.bpe.model", "spiece.model")
+
+
 def load_tokenizer(name: str):
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"no usable tokenizer in {name!r}: none of {TOKENIZER_FILES} is "
+                         "there; save the tokenizer beside the model "
+                         "(tokenizer.save_pretrained(folder))")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, TypeError) as err:
@@ -93,13 +102,18 @@ def load_task_model(name: str | None, task: Task) -> tuple[nn.Module, object, st
     tuned_for = getattr(config, "pgb_task", None)
     kwargs = {}
     if task.kind != "qa":
-        if tuned_for is not None:
+        heads = [a for a in (config.architectures or []) if "ForSequenceClassification" in a]
+        if tuned_for is not None or heads:  # a trained classifier: its head must fit
             check_task_fit(config, task, path)
         kwargs["num_labels"] = task.num_labels
         kwargs["problem_type"] = ("regression" if task.kind == "regression"
                                   else "single_label_classification")
-    model = auto_class(task).from_pretrained(path, **kwargs)
-    return model, load_tokenizer(path), path
+    tokenizer = load_tokenizer(path)
+    try:
+        model = auto_class(task).from_pretrained(path, **kwargs)
+    except OSError as err:  # e.g. a folder with config.json but no weights
+        raise ValueError(f"cannot load model weights from {path!r}: {err}") from err
+    return model, tokenizer, path
 
 
 def check_task_fit(config, task: Task, where: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -128,12 +127,9 @@ def refinetune(student, teacher, data: TaskData, cfg: CompressConfig, progress: 
     if not cfg.refinetune:
         return {"steps": 0}
     tcfg = cfg.train_config()
-    info = train(student, data.epoch_batches(tcfg.batch_size, tcfg.seed), tcfg,
+    return train(student, data.epoch_batches(tcfg.batch_size, tcfg.seed), tcfg,
                  teacher=teacher if cfg.distill else None, progress=progress,
                  checkpoint_dir=checkpoint_dir, resume=resume)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
-    return info
 
 
 class _Clock:
