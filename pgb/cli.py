@@ -2,6 +2,9 @@
 
 Commands print their result as one JSON object on the last line of stdout; progress and
 logs go to stderr (and to ``OUT/log.txt`` for commands that write a folder).
+
+Under ``torchrun --nproc_per_node N -m pgb ...`` every rank runs the command (see
+``pgb.distributed``); ranks other than 0 show warnings only and print no result.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import distributed as dist
 
 log = logging.getLogger("pgb")
 
@@ -136,7 +140,15 @@ def emit(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined = dist.init_from_env()  # under torchrun: join the process group
+    main_rank = dist.is_main()
+    # one voice: ranks other than 0 log warnings only, show no progress, print no result
+    args.quiet = args.quiet or not main_rank
     setup_logging(args.quiet)
+    if not main_rank:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from . import commands, tools
 
@@ -151,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgb {args.command}: interrupted; no partial output was left (an interrupted "
               "re-finetune continues with the same command plus --resume)", file=sys.stderr)
         return 130
-    if result is not None:
+    finally:
+        if joined:
+            dist.cleanup()
+    if result is not None and main_rank:
         emit(result)
     return 0

@@ -2,10 +2,13 @@
 
 Each takes the parsed arguments, calls the library, and returns the JSON-able result that
 the CLI prints on the last line of stdout. Output folders are written atomically.
+Under torchrun every rank runs the handler; only rank 0 writes the folder and returns the
+result, the other ranks return None.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import distributed as dist
 from .config import CompressConfig, TrainConfig
 from .outputs import atomic_folder, check_output
 
@@ -90,7 +94,6 @@ def cmd_finetune(args) -> dict:
 
 def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None = None) -> dict:
     """Fine-tune a teacher for the task and save it (HF folder + metrics.json) at ``out``."""
-    from .cli import mirror_log
     from .evaluation import evaluate
     from .finetune import set_seed, train
     from .modeling import load_task_model, load_tokenizer, resolve_model
@@ -104,11 +107,14 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
     task = _resolve_labels(task, data.train_df)
     data.task = task
     model, tok, path = load_task_model(model_name or args.model, task)
-    with atomic_folder(out, args.overwrite) as tmp, mirror_log(tmp):
+    model.to(dist.device())
+    with _main_rank_folder(out, args.overwrite) as tmp:
         log.info("fine-tuning %s on %s (%d train features) -> %s", path, task.name,
                  len(data.train), out)
         info = train(model, data.epoch_batches(cfg.batch_size, cfg.seed), cfg,
                      progress=not args.quiet)
+        if tmp is None:  # not rank 0: nothing to score or write
+            return None
         metrics = evaluate(model, task, tok, args.data_dir, files=files, progress=not args.quiet)
         model.config.pgb_task = task.name
         if task.label_names and task.kind == "classification":
@@ -148,22 +154,25 @@ def cmd_compress(args) -> dict:
 def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) -> dict:
     """Compress the teacher at ``teacher_path`` and write the compact folder at ``out``."""
     from .checkpoint import save_compact
-    from .cli import mirror_log
     from .modeling import load_task_model
     from .pipeline import run_method
     from .taskdata import TaskData
 
     task, files = task_from_args(args)
     teacher, tok, path = load_task_model(teacher_path, task)
+    teacher.to(dist.device())
     data = TaskData(task, tok, args.data_dir, files, cfg.max_length,
                     max_samples=cfg.max_train_samples, seed=cfg.seed)
     resume_dir = out.parent / f".{out.name}.resume"
-    with atomic_folder(out, args.overwrite) as tmp, mirror_log(tmp):
+    with _main_rank_folder(out, args.overwrite) as tmp:
         result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
                             checkpoint_dir=resume_dir,
                             resume=args.resume)
+        if tmp is None:  # not rank 0: rank 0 writes the folder
+            return None
         result.report.update({"teacher": path, "versions": _versions(),
-                              "command": " ".join(["pgb", *sys.argv[1:]])})
+                              "command": " ".join(["pgb", *sys.argv[1:]]),
+                              "world_size": dist.world()})
         if hasattr(result.model, "pgb_recipe"):
             save_compact(result.model, tok, tmp)
         elif hasattr(result.model, "pgb_structure"):
@@ -176,6 +185,25 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
         (tmp / "config.pgb.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     shutil.rmtree(resume_dir, ignore_errors=True)  # the output is in place: nothing to resume
     return _summary(result.report)
+
+
+@contextlib.contextmanager
+def _main_rank_folder(out: Path, overwrite: bool):
+    """Rank 0: an atomic output folder with pgb's log mirrored into it. Other ranks: None.
+
+    Single-process this is ``atomic_folder`` + ``mirror_log``. Under torchrun the ranks
+    enter together (so every rank has checked ``out`` before rank 0 creates anything) and
+    leave together once the folder is in place (so a later stage may read it on any rank).
+    """
+    from .cli import mirror_log
+
+    dist.barrier()
+    if dist.is_main():
+        with atomic_folder(out, overwrite) as tmp, mirror_log(tmp):
+            yield tmp
+    else:
+        yield None
+    dist.barrier()
 
 
 def _save_plain(model, tok, folder: Path, task) -> None:
@@ -212,7 +240,8 @@ def cmd_run(args) -> dict:
             args.max_train_samples = args.max_train_samples_backup
         teacher = str(teacher_dir)
     summary = compress_teacher(args, cfg, out, teacher)
-    _print_side_by_side(summary)
+    if summary is not None:  # None on the ranks other than 0
+        _print_side_by_side(summary)
     return summary
 
 

@@ -12,6 +12,10 @@ For the rows of one block (all share the kept input set K) a damped least square
 bias column, ``v = T^T X_K (X_K^T X_K + lambda I)^-1`` with ``X_K = [x_K, 1]``, is solved
 from accumulated (in+1) x (in+1) statistics. Rows outside every kept block keep only a
 bias, set to the mean target: this is the bias-only compensation of dropped sublayers.
+
+Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
+statistics of its shard and all-reduces them before solving, so every rank solves the same
+systems and ends with the same weights as a single process (up to summation order).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import dims_of, get_arch, get_matrix, layer_module
+from .distributed import all_reduce_sum, shard
 from .recipe import Recipe, SublayerPlan
 
 log = logging.getLogger(__name__)
@@ -54,11 +59,12 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
     student.eval()
     teacher.eval()
     try:
-        inputs = _layer0_inputs(student, batches)
+        inputs = _layer0_inputs(student, shard(batches))  # this rank's share
         steps = [(layer, *s) for layer in range(dims_of(student).layers) for s in STEPS]
         for layer, kind, roles, branch in tqdm(steps, desc="compensation", disable=not progress):
             plan = recipe.plan(layer, kind)
             stats = _collect(student, teacher, layer, roles, branch, inputs, plan)
+            all_reduce_sum(*_stat_tensors(stats))  # sums over every rank's shard
             for role in roles:
                 _refit(get_matrix(student, layer, role), stats[role], damping)
             if (kind, roles[-1]) == ("ffn", "ffn_out"):
@@ -152,7 +158,7 @@ def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan)
         ffn_in = get_matrix(student, layer, "ffn_in")
         handles.append(ffn_in.register_forward_pre_hook(grab_ffn_in))
     affine = {r: _affine(get_matrix(teacher, layer, r)) for r in roles}
-    stats = {r: {"blocks": _blocks(plan, r), "tsum": 0.0, "n": 0} for r in roles}
+    stats = {r: _empty_stats(plan, r, get_matrix(student, layer, r).weight) for r in roles}
     try:
         for inp in inputs:
             try:
@@ -170,27 +176,45 @@ def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan)
     return stats
 
 
-def _blocks(plan: SublayerPlan, role: str) -> list[dict]:
-    """Rows and input columns (with the ones column last) of each kept block."""
+def _empty_stats(plan: SublayerPlan, role: str, weight: torch.Tensor) -> dict:
+    """Zero statistics of one role: per kept block, its rows and input columns (with the
+    ones column last), ``c`` (|K|+1, |K|+1) and ``cross`` (|R|, |K|+1); the target sum
+    (out,) and the token count. Float64 tensors on the model's device, so that a rank with
+    no batch still takes part in the all-reduce.
+    """
+    zeros = dict(dtype=torch.float64, device=weight.device)
     rows, cols = plan.bands(role)
     g, n_in = plan.groups, len(cols)
     rb, cb = len(rows) // g, len(cols) // g
-    return [{"rows": rows[b * rb:(b + 1) * rb],
-             "cols": torch.cat([cols[b * cb:(b + 1) * cb], torch.tensor([n_in])]),
-             "c": 0.0, "cross": 0.0} for b in plan.matrices[role].kept]
+    blocks = []
+    for b in plan.matrices[role].kept:
+        r = rows[b * rb:(b + 1) * rb]
+        k = torch.cat([cols[b * cb:(b + 1) * cb], torch.tensor([n_in])])
+        blocks.append({"rows": r, "cols": k, "c": torch.zeros(len(k), len(k), **zeros),
+                       "cross": torch.zeros(len(r), len(k), **zeros)})
+    return {"blocks": blocks, "tsum": torch.zeros(weight.shape[0], **zeros),
+            "n": torch.zeros((), **zeros)}
+
+
+def _stat_tensors(stats: dict) -> list[torch.Tensor]:
+    """Every accumulated tensor of ``_collect``'s statistics (what the ranks sum)."""
+    out = []
+    for st in stats.values():
+        out += [st["tsum"], st["n"]]
+        out += [blk[key] for blk in st["blocks"] for key in ("c", "cross")]
+    return out
 
 
 def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor | None,
                 affine: torch.Tensor) -> None:
     """Add one batch to a role's statistics; target None means ``x @ affine^T``."""
     st["n"] += x.shape[0]
-    st["tsum"] = st["tsum"] + (target.sum(0) if target is not None
-                               else x.sum(0) @ affine.T).double()
+    st["tsum"] += (target.sum(0) if target is not None else x.sum(0) @ affine.T).double()
     for blk in st["blocks"]:
         xk = x[:, blk["cols"]]  # (n, |K| + 1)
         t = target[:, blk["rows"]] if target is not None else x @ affine[blk["rows"]].T
-        blk["c"] = blk["c"] + (xk.T @ xk).double()
-        blk["cross"] = blk["cross"] + (t.T @ xk).double()
+        blk["c"] += (xk.T @ xk).double()
+        blk["cross"] += (t.T @ xk).double()
 
 
 def _affine(linear: nn.Module) -> torch.Tensor:
@@ -217,7 +241,7 @@ def _refit(linear: nn.Module, st: dict, damping: float) -> None:
     """Solve each kept block's damped least squares; write weights and biases in place."""
     weight = torch.zeros_like(linear.weight, dtype=torch.float64)
     # Rows outside every kept block keep a bias only: the mean target.
-    bias = st["tsum"] / max(st["n"], 1)
+    bias = st["tsum"] / st["n"].clamp_min(1)
     for blk in st["blocks"]:
         h = blk["c"].clone()
         diag = h.diagonal()[:-1]  # the weights' diagonal; the bias column is not damped

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,7 @@ def set_seed(seed: int) -> None:
 
 def distributed() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return dist.rank(), dist.world()
 
 
 def kd_loss(student_out, teacher_out, temperature: float) -> torch.Tensor:
@@ -138,6 +137,11 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
 
 def _wrap(model: nn.Module) -> nn.Module:
     if distributed()[1] > 1:
+        # An empty parameter (a compact matrix that keeps no block, shape (0, r, c)) never
+        # gets a gradient, and DDP would wait for it forever: it has nothing to learn.
+        for p in model.parameters():
+            if p.numel() == 0:
+                p.requires_grad_(False)
         return nn.parallel.DistributedDataParallel(model)
     return model
 

@@ -7,8 +7,9 @@
   tokens (padding excluded), as in Wanda.
 
 Scores come back as ``{"<layer>.<role>": tensor (out, in)}`` on the CPU in float64. Under
-``torch.distributed`` each rank scores its own shard of the calibration batches and the
-sums are all-reduced, so every rank ends with the scores of the whole sample.
+``torch.distributed`` every rank passes the whole calibration sample, scores its own shard
+of it (``distributed.shard``) and the sums are all-reduced, so every rank ends with the
+scores of the whole sample.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import MATRICES, dims_of, get_matrix
+from .distributed import all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
 METHODS = ("fisher", "magnitude", "activation")
@@ -42,6 +44,7 @@ def importance_scores(model: nn.Module, batches: Iterable[dict], method: str = "
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; choose one of {METHODS}")
     names = matrix_names(model)
+    batches = shard(batches)  # this rank's share; the sums below are all-reduced
     if method == "magnitude":
         scores = {n: _linear(model, n).weight.detach().abs().double().cpu() for n in names}
     elif method == "activation":
@@ -81,7 +84,9 @@ def _fisher_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {n: _all_reduce(s).cpu() for n, s in sums.items()}
+    for s in sums.values():  # one at a time: no second copy of all the sums
+        all_reduce_sum(s)
+    return {n: s.cpu() for n, s in sums.items()}
 
 
 def _activation_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
@@ -110,17 +115,15 @@ def _activation_scores(model, names, batches, progress) -> dict[str, torch.Tenso
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: (_linear(model, n).weight.detach().abs().double()
-                * _all_reduce(sq[n]).sqrt().unsqueeze(0)).cpu() for n in names}
+    scores = {}
+    for n in names:
+        w = _linear(model, n).weight.detach()
+        total = sq.get(n, w.new_zeros(w.shape[1], dtype=torch.float64))  # empty shard: 0
+        all_reduce_sum(total)
+        scores[n] = (w.abs().double() * total.sqrt().unsqueeze(0)).cpu()
+    return scores
 
 
 def _to(batch: dict, model: nn.Module) -> dict:
     device = next(model.parameters()).device
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks when running under torch.distributed; identity otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t

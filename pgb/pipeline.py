@@ -26,6 +26,7 @@ from .allocation import allocate, retained_importance
 from .arch import SUBLAYERS, dims_of, get_arch
 from .compensate import apply_masks, compensate
 from .config import CompressConfig
+from .distributed import is_main
 from .evaluation import evaluate
 from .finetune import train
 from .flops import count_params, flops
@@ -85,6 +86,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     teacher.eval()
     seconds: dict[str, float] = {}
     clock = _Clock(seconds)
+    # every rank holds the whole sample; importance and compensation each take their shard
     calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
     with clock("importance"):
         scores = importance_scores(teacher, calib, cfg.importance, progress)
@@ -113,7 +115,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         "dropped_sublayers": recipe.dropped_sublayers(), "refinetune": train_info,
         "config": cfg.to_dict(), "pgb_version": __version__, "task": task.name,
     }
-    if evaluate_models:
+    if evaluate_models and is_main():  # distributed: rank 0 scores, the others wait
         report["teacher_metrics"] = evaluate(teacher, task, tokenizer, data.data_dir,
                                              files=data.files, progress=progress)
         report["metrics"] = evaluate(student, task, tokenizer, data.data_dir,
