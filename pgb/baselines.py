@@ -32,9 +32,8 @@ from torch.nn.utils import parametrize
 from . import __version__
 from .arch import MATRICES, SUBLAYERS, dims_of, get_matrix
 from .config import CompressConfig
-from .evaluation import evaluate
 from .flops import count_params, flops
-from .pipeline import CompressResult, _Clock, refinetune
+from .pipeline import CompressResult, _Clock, add_metrics, dev_metrics, refinetune
 from .structured import Structure, mask_fisher, rescale, select, shrink
 from .taskdata import TaskData
 from .tasks import Task
@@ -60,8 +59,11 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
     else:
         report = _structured(student, teacher, cfg, data, clock, progress)
         held = contextlib.nullcontext()
-    with clock("refinetune"), held:
-        info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
+    with held:
+        before = dev_metrics(student, task, tokenizer, data, progress) \
+            if evaluate_models and cfg.refinetune else None
+        with clock("refinetune"):
+            info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
     report = {
         "method": cfg.method, "target_sparsity": cfg.sparsity, **report,
         "params_before": count_params(teacher), "params_after": count_params(student),
@@ -69,10 +71,7 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
         "refinetune": info, "config": cfg.to_dict(), "pgb_version": __version__,
         "task": task.name}
     if evaluate_models:
-        report["teacher_metrics"] = evaluate(teacher, task, tokenizer, data.data_dir,
-                                             files=data.files, progress=progress)
-        report["metrics"] = evaluate(student, task, tokenizer, data.data_dir,
-                                     files=data.files, progress=progress)
+        add_metrics(report, teacher, student, task, tokenizer, data, progress, before)
     return CompressResult(student, report)
 
 

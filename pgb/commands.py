@@ -163,6 +163,7 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
     teacher.to(dist.device())
     data = TaskData(task, tok, args.data_dir, files, cfg.max_length,
                     max_samples=cfg.max_train_samples, seed=cfg.seed)
+    data.teacher_metrics = _known_metrics(path, task)
     resume_dir = out.parent / f".{out.name}.resume"
     with _main_rank_folder(out, args.overwrite) as tmp:
         result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
@@ -204,6 +205,19 @@ def _main_rank_folder(out: Path, overwrite: bool):
     else:
         yield None
     dist.barrier()
+
+
+def _known_metrics(teacher_path: str, task) -> dict | None:
+    """The teacher's dev metrics from its pgb metrics.json (same task, default split)."""
+    record = Path(teacher_path) / "metrics.json"
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("task") != task.name or task.name == "custom" or "metrics" not in data:
+        return None
+    log.info("teacher metrics taken from %s", record)
+    return data["metrics"]
 
 
 def _save_plain(model, tok, folder: Path, task) -> None:

@@ -103,6 +103,8 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         if cfg.compensate:
             compensate(student, teacher, recipe, calib, cfg.damping, progress)
     to_compact(student, recipe)
+    before = dev_metrics(student, task, tokenizer, data, progress) \
+        if evaluate_models and cfg.refinetune else None
     with clock("refinetune"):
         train_info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
     report = {
@@ -115,12 +117,33 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         "dropped_sublayers": recipe.dropped_sublayers(), "refinetune": train_info,
         "config": cfg.to_dict(), "pgb_version": __version__, "task": task.name,
     }
-    if evaluate_models and is_main():  # distributed: rank 0 scores, the others wait
-        report["teacher_metrics"] = evaluate(teacher, task, tokenizer, data.data_dir,
-                                             files=data.files, progress=progress)
-        report["metrics"] = evaluate(student, task, tokenizer, data.data_dir,
-                                     files=data.files, progress=progress)
+    if evaluate_models:
+        add_metrics(report, teacher, student, task, tokenizer, data, progress, before)
     return CompressResult(student, report)
+
+
+def dev_metrics(model: nn.Module, task: Task, tokenizer, data: TaskData,
+                progress: bool = True) -> dict | None:
+    """Dev metrics of ``model`` (None on ranks other than 0: rank 0 scores, the others wait)."""
+    if not is_main():
+        return None
+    return evaluate(model, task, tokenizer, data.data_dir, files=data.files, progress=progress)
+
+
+def add_metrics(report: dict, teacher, student, task: Task, tokenizer, data: TaskData,
+                progress: bool, before: dict | None = None) -> None:
+    """Teacher and student dev metrics into ``report`` (and the student's before re-finetuning).
+
+    The teacher's metrics come from ``data.teacher_metrics`` when the caller knows them
+    (the teacher folder's metrics.json), else they are computed.
+    """
+    if not is_main():
+        return
+    report["teacher_metrics"] = data.teacher_metrics or dev_metrics(teacher, task, tokenizer,
+                                                                    data, progress)
+    report["metrics"] = dev_metrics(student, task, tokenizer, data, progress)
+    if before is not None:
+        report["metrics_before_refinetune"] = before
 
 
 def refinetune(student, teacher, data: TaskData, cfg: CompressConfig, progress: bool = True,

@@ -19,6 +19,7 @@ class TaskData:
                         max_samples=max_samples, seed=seed)
         length = max(max_length, 384) if task.kind == "qa" else max_length
         self.train_df = df
+        self.teacher_metrics: dict | None = None  # known dev metrics of the teacher, if any
         self.train = encode(task, df, tokenizer, max_length=length, train=True)
 
     def calibration(self, samples: int, batch_size: int, seed: int) -> list[dict]:
