@@ -53,7 +53,8 @@ DEFAULT_TEACHERS = ROOT / "runs" / "teachers"  # where benchmarks/teachers.sh wr
 # report.json fields kept in the result JSON ("matrices" is large and stays in the run folder)
 REPORT_KEYS = ("method", "target_sparsity", "achieved_sparsity", "params_before",
                "params_after", "flops_ratio", "stage_seconds", "dropped_sublayers", "groups",
-               "teacher_metrics", "metrics", "compensation", "config", "command")
+               "teacher_metrics", "metrics", "metrics_before_refinetune", "compensation",
+               "config", "command")
 TAIL_CHARS = 4000
 
 

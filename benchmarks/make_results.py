@@ -47,6 +47,32 @@ def load_results(folder: Path) -> list[dict]:
     return records
 
 
+def derive_no_refinetune(records: list[dict]) -> list[dict]:
+    """Add a no-re-finetune row for each re-finetuned run that measured its model before
+    re-finetuning (``metrics_before_refinetune``), unless a real no-re-finetune run exists.
+
+    The model before re-finetuning is exactly what ``--no-refinetune`` returns (same seed,
+    same one-shot stages), so one run gives both rows; its speed is the same structure's.
+    """
+    have = {(r.get("task"), r.get("variant"), r.get("sparsity")) for r in records
+            if not r.get("refinetune") and "error" not in r}
+    out = list(records)
+    for r in records:
+        before = get(r, "report", "metrics_before_refinetune")
+        key = (r.get("task"), r.get("variant"), r.get("sparsity"))
+        if not r.get("refinetune") or before is None or key in have or "error" in r:
+            continue
+        rep = dict(r["report"], metrics=before, refinetune_steps=0,
+                   stage_seconds={**r["report"].get("stage_seconds", {}), "refinetune": 0.0})
+        main = rep.get("main_metric")
+        value, teacher = before.get(main), rep.get("teacher_main_value")
+        rep.update(main_value=value,
+                   ratio_to_teacher=value / teacher if value is not None and teacher else None)
+        out.append(dict(r, name=r["name"].replace("-rft", "-nrft"), refinetune=False,
+                        report=rep, derived_from=r["name"]))
+    return out
+
+
 def get(record: dict, *keys, default=None):
     """``record[k1][k2]...`` or ``default`` when any level is missing."""
     for key in keys:
@@ -379,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
     args = p.parse_args(argv)
-    records = load_results(Path(args.results))
+    records = derive_no_refinetune(load_results(Path(args.results)))
     if not records:
         print(f"error: no result JSON files in {args.results}; run benchmarks/campaign.py "
               "first", file=sys.stderr)

@@ -361,3 +361,22 @@ def test_missing_teacher_is_built_once_or_recorded_as_the_failure(tmp_path, monk
     assert campaign.main(other) == 1 and fake.calls == []
     rec = json.loads((tmp_path / "res2" / "minilm-mrpc-pgb-s0.5-nrft.json").read_text())
     assert rec["error"].startswith("RuntimeError: teacher: no teacher at")
+
+
+def test_no_refinetune_rows_derived_from_before_metrics():
+    rec = {"name": "minilm-mrpc-pgb-s0.5-rft", "task": "mrpc", "variant": "pgb",
+           "method": "pgb", "sparsity": 0.5, "refinetune": True,
+           "report": {"main_metric": "accuracy", "main_value": 0.8, "teacher_main_value": 0.82,
+                      "metrics": {"accuracy": 0.8}, "metrics_before_refinetune":
+                      {"accuracy": 0.41}, "stage_seconds": {"refinetune": 100.0}}}
+    rows = make_results.derive_no_refinetune([rec])
+    derived = [r for r in rows if not r["refinetune"]]
+    assert len(derived) == 1
+    d = derived[0]
+    assert d["name"] == "minilm-mrpc-pgb-s0.5-nrft" and d["derived_from"] == rec["name"]
+    assert d["report"]["main_value"] == 0.41
+    assert d["report"]["ratio_to_teacher"] == pytest.approx(0.41 / 0.82)
+    assert d["report"]["stage_seconds"]["refinetune"] == 0.0
+    # a real no-re-finetune run wins over the derived row
+    real = dict(rec, name="minilm-mrpc-pgb-s0.5-nrft", refinetune=False)
+    assert len(make_results.derive_no_refinetune([rec, real])) == 2
