@@ -1,17 +1,22 @@
 """Weight compensation: refit the surviving weights so each sublayer reproduces the teacher.
 
-Layer by layer, in order, on calibration activations captured from the already-pruned
-student (so errors of earlier layers are seen and corrected):
+Layer by layer, in order, the student's activations are captured from the already-pruned
+student (so errors of earlier layers are seen), and the targets from the teacher running
+on its own, unpruned stream, so the refit also pulls the student back onto the teacher's
+residual stream (all supported families are post-LayerNorm: ``h = LN(x + branch(x))``):
 
-- ``query``/``key``/``value``/``ffn_in``: target = the teacher's matrix on the student's
-  input, ``T = x W_t^T + b_t``;
-- ``attn_out``/``ffn_out``: target = the teacher's whole branch (attention, or FFN) on the
-  student's sublayer input, so errors of the first matrices are corrected too.
+- ``query``/``key``/``value``/``ffn_in``: the teacher's matrix on the teacher's input;
+- ``attn_out``/``ffn_out``: ``branch_t(x_t) + x_t - x_s``, the teacher's branch output plus
+  the gap between the teacher's and the student's residual, so that the student's
+  pre-LayerNorm sum matches the teacher's.
+
+``target="local"`` instead runs the teacher's layer on the student's input (no drift
+correction), for comparison.
 
 For the rows of one block (all share the kept input set K) a damped least squares with a
 bias column, ``v = T^T X_K (X_K^T X_K + lambda I)^-1`` with ``X_K = [x_K, 1]``, is solved
-from accumulated (in+1) x (in+1) statistics. Rows outside every kept block keep only a
-bias, set to the mean target: this is the bias-only compensation of dropped sublayers.
+from accumulated statistics. Rows outside every kept block keep only a bias, set to the
+mean target: this is the bias-only compensation of dropped sublayers.
 
 Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
 statistics of its shard and all-reduces them before solving, so every rank solves the same
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import dims_of, get_arch, get_matrix, layer_module
+from .arch import dims_of, get_matrix, layer_module
 from .distributed import all_reduce_sum, shard
 from .recipe import Recipe, SublayerPlan
 
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 # (sublayer, matrices refitted together, whether the target is the teacher's whole branch)
 STEPS = (("attn", ("query", "key", "value"), False), ("attn", ("attn_out",), True),
          ("ffn", ("ffn_in",), False), ("ffn", ("ffn_out",), True))
+TARGETS = ("stream", "local")
 
 
 class _Stop(Exception):
@@ -53,25 +59,61 @@ def apply_masks(model: nn.Module, recipe: Recipe) -> None:
 
 @torch.no_grad()
 def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: Iterable[dict],
-               damping: float = 0.01, progress: bool = True) -> None:
+               damping: float = 0.01, progress: bool = True, target: str = "stream") -> None:
     """Refit the masked ``student`` in place so its sublayers match ``teacher`` (see module doc)."""
+    if target not in TARGETS:
+        raise ValueError(f"compensation target must be one of {TARGETS}, got {target!r}")
     was = student.training, teacher.training
     student.eval()
     teacher.eval()
     try:
-        inputs = _layer0_inputs(student, shard(batches))  # this rank's share
+        s_inputs = _layer0_inputs(student, shard(batches))  # this rank's share
+        t_inputs = s_inputs  # embeddings are not pruned: both streams start equal
         steps = [(layer, *s) for layer in range(dims_of(student).layers) for s in STEPS]
+        ref = None
         for layer, kind, roles, branch in tqdm(steps, desc="compensation", disable=not progress):
+            if ref is None:  # first step of a layer: the teacher's activations and targets
+                ref, t_next = _teacher_layer(teacher, layer, t_inputs if target == "stream"
+                                             else s_inputs)
             plan = recipe.plan(layer, kind)
-            stats = _collect(student, teacher, layer, roles, branch, inputs, plan)
+            stats = _collect(student, teacher, layer, roles, branch, s_inputs, plan, ref)
             all_reduce_sum(*_stat_tensors(stats))  # sums over every rank's shard
             for role in roles:
                 _refit(get_matrix(student, layer, role), stats[role], damping)
-            if (kind, roles[-1]) == ("ffn", "ffn_out"):
-                inputs = [_advance(layer_module(student, layer), i) for i in inputs]
+            if roles[-1] == "ffn_out":
+                s_inputs = [_advance(layer_module(student, layer), i) for i in s_inputs]
+                t_inputs, ref = t_next, None
     finally:
         student.train(was[0])
         teacher.train(was[1])
+
+
+def _teacher_layer(teacher: nn.Module, layer: int, inputs: list[dict]) -> tuple[list, list]:
+    """Run the teacher's layer on ``inputs``; per batch, its valid tokens of: the layer input
+    ``x``, the attention branch output ``attn``, the FFN input ``x2`` and the FFN branch output
+    ``ffn`` (each (n, H)); and the inputs of the next layer."""
+    box: dict = {}
+
+    def pre(name):
+        return lambda _m, args: box.__setitem__(name, args[0])
+
+    def post(name):
+        return lambda _m, _args, out: box.__setitem__(name, out)
+
+    hooks = [get_matrix(teacher, layer, "query").register_forward_pre_hook(pre("x")),
+             get_matrix(teacher, layer, "attn_out").register_forward_hook(post("attn")),
+             get_matrix(teacher, layer, "ffn_in").register_forward_pre_hook(pre("x2")),
+             get_matrix(teacher, layer, "ffn_out").register_forward_hook(post("ffn"))]
+    refs, nxt = [], []
+    try:
+        for inp in inputs:
+            nxt.append(_advance(layer_module(teacher, layer), inp))
+            refs.append({k: _tokens(box[k], inp["mask"])[:, :-1] for k in ("x", "attn", "x2",
+                                                                             "ffn")})
+    finally:
+        for h in hooks:
+            h.remove()
+    return refs, nxt
 
 
 def _layer0_inputs(model: nn.Module, batches: Iterable[dict]) -> list[dict]:
@@ -129,47 +171,48 @@ def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
-def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan) -> dict:
+def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan,
+             ref: list[dict]) -> dict:
     """Per role, least-squares statistics over all calibration tokens (padding excluded).
 
     Only what the kept blocks need is accumulated, so the cost falls with G: per kept block
     b with rows R and inputs K (plus the ones column), ``C_b = X_K^T X_K`` and
     ``cross_b = T_R^T X_K``; for bias-only rows, the sum of targets and the token count.
     """
-    spec = get_arch(student)
-    s_layer, t_layer = layer_module(student, layer), layer_module(teacher, layer)
     box: dict = {}
 
     def grab_input(_m, args):
         box["x"] = args[0]
         raise _Stop
 
-    def grab_core(_m, args, kwargs):
-        box["core"] = (args, kwargs)
-
     def grab_ffn_in(_m, args):
-        box["ffn_x"] = args[0]
+        box["x2"] = args[0]
 
+    s_layer = layer_module(student, layer)
     handles = [get_matrix(student, layer, roles[0]).register_forward_pre_hook(grab_input)]
-    if branch and roles[0] == "attn_out":
-        core = s_layer.get_submodule(spec.attn_core)
-        handles.append(core.register_forward_pre_hook(grab_core, with_kwargs=True))
-    if branch and roles[0] == "ffn_out":
-        ffn_in = get_matrix(student, layer, "ffn_in")
-        handles.append(ffn_in.register_forward_pre_hook(grab_ffn_in))
+    if roles[0] == "ffn_out":
+        handles.append(get_matrix(student, layer, "ffn_in").register_forward_pre_hook(
+            grab_ffn_in))
     affine = {r: _affine(get_matrix(teacher, layer, r)) for r in roles}
     stats = {r: _empty_stats(plan, r, get_matrix(student, layer, r).weight) for r in roles}
     try:
-        for inp in inputs:
+        for inp, t in zip(inputs, ref, strict=True):
             try:
                 _call(s_layer, inp)
             except _Stop:
                 pass
-            x = _tokens(box["x"], inp["mask"])  # (n, in + 1)
-            target = _branch_target(teacher, t_layer, spec, layer, roles[0], box, inp) \
-                if branch else None
+            x = _tokens(box["x"], inp["mask"])  # (n, in + 1): the student's input
+            if roles[0] == "attn_out":  # teacher branch + residual gap
+                target = t["attn"] + t["x"] - _tokens(_hidden(inp), inp["mask"])[:, :-1]
+            elif roles[0] == "ffn_out":
+                target = t["ffn"] + t["x2"] - _tokens(box["x2"], inp["mask"])[:, :-1]
+            else:  # the teacher's matrix on the teacher's input
+                t_in = t["x" if roles[0] == "query" else "x2"]
+                t_in = torch.cat([t_in, t_in.new_ones(t_in.shape[0], 1)], dim=1)
+                target = None
             for role in roles:
-                _accumulate(stats[role], x, target, affine[role].to(x))
+                a = affine[role].to(x)
+                _accumulate(stats[role], x, target if branch else t_in @ a.T)
     finally:
         for h in handles:
             h.remove()
@@ -205,36 +248,19 @@ def _stat_tensors(stats: dict) -> list[torch.Tensor]:
     return out
 
 
-def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor | None,
-                affine: torch.Tensor) -> None:
-    """Add one batch to a role's statistics; target None means ``x @ affine^T``."""
+def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
+    """Add one batch to a role's statistics: inputs x (n, in + 1), targets (n, out)."""
     st["n"] += x.shape[0]
-    st["tsum"] += (target.sum(0) if target is not None else x.sum(0) @ affine.T).double()
+    st["tsum"] += target.sum(0).double()
     for blk in st["blocks"]:
         xk = x[:, blk["cols"]]  # (n, |K| + 1)
-        t = target[:, blk["rows"]] if target is not None else x @ affine[blk["rows"]].T
         blk["c"] += (xk.T @ xk).double()
-        blk["cross"] += (t.T @ xk).double()
+        blk["cross"] += (target[:, blk["rows"]].T @ xk).double()
 
 
 def _affine(linear: nn.Module) -> torch.Tensor:
     """[W, b] of a linear layer, (out, in + 1) float32."""
     return torch.cat([linear.weight.float(), linear.bias.float().unsqueeze(1)], dim=1)
-
-
-def _branch_target(teacher, t_layer, spec, layer, role, box, inp) -> torch.Tensor:
-    """The teacher's whole attention or FFN branch on the student's sublayer input."""
-    if role == "attn_out":
-        args, kwargs = box["core"]
-        out = t_layer.get_submodule(spec.attn_core)(*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        if not spec.attn_out_in_core:
-            out = get_matrix(teacher, layer, "attn_out")(out)
-    else:
-        act = t_layer.get_submodule(spec.ffn_act)
-        out = get_matrix(teacher, layer, "ffn_out")(act(get_matrix(teacher, layer, "ffn_in")(
-            box["ffn_x"])))
-    return _tokens(out, inp["mask"])[:, :-1]
 
 
 def _refit(linear: nn.Module, st: dict, damping: float) -> None:

@@ -80,6 +80,9 @@ class CompressConfig(_Base):
     search_iters: int = _help("alternating sweeps of the grouping search", 10)
     compensate: bool = _help("least-squares weight compensation after pruning", True)
     damping: float = _help("relative damping of the compensation least squares", 0.01)
+    compensation_target: str = _help("'stream': match the teacher on its own stream (corrects "
+                                     "drift); 'local': the teacher's layer on the student's "
+                                     "input", "stream")
     refinetune: bool = _help("re-finetune the compressed model", True)
     distill: bool = _help("distil from the teacher during re-finetuning", True)
     refinetune_epochs: float = _help("re-finetuning epochs (ignored with refinetune_steps)", 1.0)
@@ -103,6 +106,9 @@ class CompressConfig(_Base):
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {IMPORTANCE}")
         if self.normalize not in ("mean", "none"):
             raise ValueError(f"normalize must be 'mean' or 'none', got {self.normalize!r}")
+        if self.compensation_target not in ("stream", "local"):
+            raise ValueError(f"compensation_target must be 'stream' or 'local', got "
+                             f"{self.compensation_target!r}")
         if self.calib_samples < 1:
             raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if self.max_groups < 1:

@@ -101,7 +101,8 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     with clock("compensation"):
         apply_masks(student, recipe)
         if cfg.compensate:
-            compensate(student, teacher, recipe, calib, cfg.damping, progress)
+            compensate(student, teacher, recipe, calib, cfg.damping, progress,
+                       cfg.compensation_target)
     to_compact(student, recipe)
     before = dev_metrics(student, task, tokenizer, data, progress) \
         if evaluate_models and cfg.refinetune else None

@@ -59,7 +59,19 @@ def test_compensation_reduces_reconstruction_error():
             assert torch.all(w[p.mask(role) == 0] == 0)
 
 
-def test_dropped_ffn_gets_the_mean_teacher_branch_as_bias():
+def ffn_inputs(model, batches):
+    """The FFN input (ffn_in's input) of layer 1, per batch."""
+    seen = []
+    hook = get_matrix(model, 1, "ffn_in").register_forward_pre_hook(
+        lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    hook.remove()
+    return seen
+
+
+def test_dropped_ffn_bias_closes_the_gap_to_the_teacher_stream():
     teacher = tiny_model("bert")
     recipe = make_recipe(teacher, 0.3, weak=("1.ffn",))
     assert "1.ffn" in recipe.dropped_sublayers()
@@ -67,17 +79,27 @@ def test_dropped_ffn_gets_the_mean_teacher_branch_as_bias():
     apply_masks(student, recipe)
     batches = calib()
     compensate(student, teacher, recipe, batches, progress=False)
-    # recompute the mean teacher FFN branch of layer 1 on the student's FFN inputs
-    seen = []
-    hook = get_matrix(student, 1, "ffn_in").register_forward_pre_hook(
-        lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        for b in batches:
-            student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    hook.remove()
+    # the bias is the mean of (teacher FFN branch + teacher FFN input - student FFN input),
+    # so the student's pre-LayerNorm sum matches the teacher's on average
     layer = teacher.bert.encoder.layer[1]
+    gaps = []
     with torch.no_grad():
-        branch = [layer.output.dense(layer.intermediate(x))[b["attention_mask"].bool()]
-                  for x, b in zip(seen, batches, strict=True)]
-    mean = torch.cat(branch).mean(0)
-    assert torch.allclose(get_matrix(student, 1, "ffn_out").bias, mean, atol=1e-4)
+        for xt, xs, b in zip(ffn_inputs(teacher, batches), ffn_inputs(student, batches),
+                             batches, strict=True):
+            gap = layer.output.dense(layer.intermediate(xt)) + xt - xs
+            gaps.append(gap[b["attention_mask"].bool()])
+    assert torch.allclose(get_matrix(student, 1, "ffn_out").bias, torch.cat(gaps).mean(0),
+                          atol=1e-4)
+
+
+def test_stream_targets_beat_local_targets_on_the_output():
+    teacher = tiny_model("bert")
+    recipe = make_recipe(teacher, 0.7)
+    batches = calib()
+    errors = {}
+    for target in ("stream", "local"):
+        student = copy.deepcopy(teacher)
+        apply_masks(student, recipe)
+        compensate(student, teacher, recipe, batches, progress=False, target=target)
+        errors[target] = (hidden(student, batches) - hidden(teacher, batches)).pow(2).mean()
+    assert errors["stream"] < errors["local"]
