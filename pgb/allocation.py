@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from dataclasses import dataclass
 
 from .arch import SUBLAYERS, Dims
@@ -41,12 +42,30 @@ def _sizes(dims: Dims) -> dict[str, int]:
     return {"attn": dims.hidden * dims.hidden, "ffn": dims.hidden * dims.intermediate}
 
 
-def _options(kind: str, by_g: dict[int, Grouping], dims: Dims, allow_drop: bool) -> list[_Option]:
+OBJECTIVES = ("log", "linear")
+LOG_FLOOR = 0.01  # retained fraction credited to a dropped matrix by the "log" objective
+
+
+def _value(gr: Grouping | None, objective: str) -> float:
+    """What an option keeps: importance mass ("linear"), or sum over matrices of
+    total * log(retained fraction) ("log"), which makes each further loss in an already
+    thinned matrix cost more. ``gr`` None is the drop option."""
+    if objective == "linear":
+        return 0.0 if gr is None else float(sum(s.sum() for s in gr.block_scores.values()))
+    if gr is None:
+        return 0.0  # filled in by _options (needs the totals)
+    return float(sum(t * math.log(max(gr.block_scores[m].sum() / max(t, 1e-30), LOG_FLOOR))
+                     for m, t in gr.totals.items()))
+
+
+def _options(kind: str, by_g: dict[int, Grouping], dims: Dims, allow_drop: bool,
+             objective: str) -> list[_Option]:
     n_mats, size = len(SUBLAYERS[kind]), _sizes(dims)[kind]
-    opts = [_Option(g, n_mats * size // g, float(sum(s.sum() for s in gr.block_scores.values())))
-            for g, gr in by_g.items()]
+    opts = [_Option(g, n_mats * size // g, _value(gr, objective)) for g, gr in by_g.items()]
     if allow_drop:
-        opts.append(_Option(0, 0, 0.0))
+        totals = next(iter(by_g.values())).totals
+        drop = 0.0 if objective == "linear" else sum(totals.values()) * math.log(LOG_FLOOR)
+        opts.append(_Option(0, 0, drop))
     return _upper_hull(sorted(opts, key=lambda o: -o.weights))
 
 
@@ -70,13 +89,16 @@ def _slope(a: _Option, b: _Option) -> float:
 
 def allocate(groupings: dict[Key, dict[int, Grouping]], dims: Dims, model_type: str,
              sparsity: float, uniform: int | None = None, allow_drop: bool = True,
-             tolerance: float = 0.002) -> Recipe:
+             tolerance: float = 0.002, objective: str = "log") -> Recipe:
     """Choose a grouping per sublayer meeting ``sparsity`` (fraction of encoder linear weights).
 
     uniform: force this G everywhere (the uniform-G ablation; no drops), then trim blocks.
+    objective: "log" (default) or "linear", see ``_value``.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"allocation objective must be one of {OBJECTIVES}, got {objective!r}")
     total = dims.layers * sum(len(SUBLAYERS[k]) * n for k, n in _sizes(dims).items())
     budget = (1.0 - sparsity) * total
     if uniform is not None:
@@ -86,9 +108,9 @@ def allocate(groupings: dict[Key, dict[int, Grouping]], dims: Dims, model_type: 
                 raise ValueError(f"uniform G {uniform} is not a candidate for sublayer {k}; "
                                  f"candidates: {sorted(by_g)}")
     else:
-        choice = _phase1(groupings, dims, budget, allow_drop)
+        choice = _phase1(groupings, dims, budget, allow_drop, objective)
     kept = {k: _all_blocks(k[1], g) for k, g in choice.items()}
-    _phase2(groupings, choice, kept, dims, budget, tolerance * total, allow_drop)
+    _phase2(groupings, choice, kept, dims, budget, tolerance * total, allow_drop, objective)
     recipe = _recipe(groupings, choice, kept, dims, model_type)
     _check_budget(recipe, sparsity, groupings, allow_drop)
     return recipe
@@ -118,8 +140,9 @@ def _check_budget(recipe: Recipe, sparsity: float, groupings, allow_drop: bool,
     log.warning("%s (continuing: the miss is under %g)", text, max_miss)
 
 
-def _phase1(groupings, dims, budget, allow_drop) -> dict[Key, int]:
-    hulls = {k: _options(k[1], by_g, dims, allow_drop) for k, by_g in groupings.items()}
+def _phase1(groupings, dims, budget, allow_drop, objective) -> dict[Key, int]:
+    hulls = {k: _options(k[1], by_g, dims, allow_drop, objective)
+             for k, by_g in groupings.items()}
     pos = dict.fromkeys(hulls, 0)
     used = sum(h[0].weights for h in hulls.values())
     heap = [(_slope(h[0], h[1]), k) for k, h in hulls.items() if len(h) > 1]
@@ -141,9 +164,12 @@ def _all_blocks(kind: str, groups: int) -> dict[str, list[int]]:
         {r: [] for r in SUBLAYERS[kind]}
 
 
-def _phase2(groupings, choice, kept, dims, budget, slack, allow_drop: bool = True) -> None:
+def _phase2(groupings, choice, kept, dims, budget, slack, allow_drop: bool = True,
+            objective: str = "log") -> None:
     """Drop single weak blocks until the kept weights fit the budget.
 
+    A block's cost is its importance per weight; under the "log" objective it is divided by
+    its matrix's retained fraction (the first-order change of total * log(retained)).
     Without ``allow_drop`` a sublayer keeps its last block (else it would be dropped)."""
     size = _sizes(dims)
     used = sum(size[k[1]] // g * len(SUBLAYERS[k[1]]) for k, g in choice.items() if g)
@@ -152,8 +178,12 @@ def _phase2(groupings, choice, kept, dims, budget, slack, allow_drop: bool = Tru
         if not g:
             continue
         block = size[k[1]] // (g * g)
-        for role, scores in groupings[k][g].block_scores.items():
-            cands += [(float(s) / block, block, k, role, b) for b, s in enumerate(scores)]
+        gr = groupings[k][g]
+        for role, scores in gr.block_scores.items():
+            scale = 1.0 if objective == "linear" else \
+                max(scores.sum() / max(gr.totals[role], 1e-30), LOG_FLOOR)
+            cands += [(float(s) / block / scale, block, k, role, b)
+                      for b, s in enumerate(scores)]
     cands.sort(key=lambda c: c[0])
     smallest = min((c[1] for c in cands), default=0)
     for strict in (True, False):  # second pass: whatever it takes to meet the budget

@@ -76,6 +76,8 @@ class CompressConfig(_Base):
     permute: bool = _help("search permutations (False: contiguous blocks)", True)
     uniform_groups: bool = _help("same G everywhere, G = 1 / (1 - sparsity)", False)
     allow_drop: bool = _help("allow dropping whole sublayers", True)
+    allocation: str = _help("allocator objective: 'log' (sum of size x log retained "
+                            "importance) or 'linear' (retained importance)", "log")
     max_groups: int = _help("largest group count considered", 16)
     search_iters: int = _help("alternating sweeps of the grouping search", 10)
     compensate: bool = _help("least-squares weight compensation after pruning", True)
@@ -106,6 +108,8 @@ class CompressConfig(_Base):
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {IMPORTANCE}")
         if self.normalize not in ("mean", "none"):
             raise ValueError(f"normalize must be 'mean' or 'none', got {self.normalize!r}")
+        if self.allocation not in ("log", "linear"):
+            raise ValueError(f"allocation must be 'log' or 'linear', got {self.allocation!r}")
         if self.compensation_target not in ("stream", "local"):
             raise ValueError(f"compensation_target must be 'stream' or 'local', got "
                              f"{self.compensation_target!r}")

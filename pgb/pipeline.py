@@ -96,7 +96,8 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         groupings = search_groupings(scores, teacher, cfg, progress)
         recipe = allocate(groupings, dims_of(teacher), teacher.config.model_type, cfg.sparsity,
                           uniform=cfg.uniform_g() if cfg.uniform_groups else None,
-                          allow_drop=cfg.allow_drop and not cfg.uniform_groups)
+                          allow_drop=cfg.allow_drop and not cfg.uniform_groups,
+                          objective=cfg.allocation)
     student = copy.deepcopy(teacher)
     with clock("compensation"):
         apply_masks(student, recipe)
