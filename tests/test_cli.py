@@ -18,6 +18,7 @@ def tiny_dir(tmp_path_factory, minilm_path):
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
     config = tiny_config("bert", num_labels=2)
     config.vocab_size = tok.vocab_size
+    config.max_position_embeddings = 512  # QA windows are 384 tokens
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -130,3 +131,20 @@ def test_offline_without_data_folder(pipeline_dirs, monkeypatch, capsys):
     code = main(["-q", "evaluate", "--model", str(teacher), "--task", "sst2"])
     assert code == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_question_answering_end_to_end(tiny_dir, shared_data, tmp_path, capsys):
+    """SQuAD: teacher, PGB compression (QA loss for importance), evaluation with EM/F1."""
+    teacher, comp = tmp_path / "qa-teacher", tmp_path / "qa-pgb"
+    common = ["--task", "squad", "--data-dir", str(shared_data)]
+    assert main(["-q", "finetune", "--model", str(tiny_dir), *common, "--out", str(teacher),
+                 "--max-steps", "2", "--max-train-samples", "24", "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "compress", "--model", str(teacher), *common, "--out", str(comp),
+                 "--sparsity", "0.5", "--calib-samples", "16", "--refinetune-steps", "1",
+                 "--max-train-samples", "24"]) == 0
+    capsys.readouterr()
+    report = json.loads((comp / "report.json").read_text())
+    assert abs(report["achieved_sparsity"] - 0.5) <= 0.005
+    out = run(capsys, "evaluate", "--model", str(comp), *common, "--max-samples", "20")
+    assert set(out) >= {"exact_match", "f1"} and 0 <= out["f1"] <= 100
