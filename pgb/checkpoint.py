@@ -69,7 +69,12 @@ def load(folder: str | Path) -> nn.Module:
             raise ValueError(f"{folder} is not a pgb checkpoint: {name} is missing "
                              "(expected the output folder of `pgb compress`)")
     config = AutoConfig.from_pretrained(folder)
-    recipe = Recipe.load(folder / "recipe.json")
+    try:
+        recipe = Recipe.load(folder / "recipe.json")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder / 'recipe.json'} is invalid or does not match the model "
+                         f"in {folder / 'config.json'}: {err}; re-run `pgb compress` to "
+                         "produce the folder again") from err
     model = _skeleton(config, recipe, folder)
     try:
         state = load_file(str(folder / WEIGHTS))
