@@ -195,6 +195,7 @@ def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan,
             grab_ffn_in))
     affine = {r: _affine(get_matrix(teacher, layer, r)) for r in roles}
     stats = {r: _empty_stats(plan, r, get_matrix(student, layer, r).weight) for r in roles}
+    affine64 = {r: a.to(stats[r]["tsum"]) for r, a in affine.items()} if not branch else {}
     try:
         for inp, t in zip(inputs, ref, strict=True):
             try:
@@ -209,10 +210,15 @@ def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan,
             else:  # the teacher's matrix on the teacher's input
                 t_in = t["x" if roles[0] == "query" else "x2"]
                 t_in = torch.cat([t_in, t_in.new_ones(t_in.shape[0], 1)], dim=1)
-                target = None
-            for role in roles:
-                a = affine[role].to(x)
-                _accumulate(stats[role], x, target if branch else t_in @ a.T)
+            if branch:
+                for role in roles:
+                    _accumulate(stats[role], x, target)
+            else:  # targets t_in @ a.T: two products per batch serve every role
+                gram, t_x = (x.T @ x).double(), (t_in.T @ x).double()
+                t_sum = t_in.sum(0).double()
+                for role in roles:
+                    _accumulate_affine(stats[role], gram, t_x, t_sum, affine64[role],
+                                       x.shape[0])
     finally:
         for h in handles:
             h.remove()
@@ -256,6 +262,21 @@ def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
         xk = x[:, blk["cols"]]  # (n, |K| + 1)
         blk["c"] += (xk.T @ xk).double()
         blk["cross"] += (target[:, blk["rows"]].T @ xk).double()
+
+
+def _accumulate_affine(st: dict, gram: torch.Tensor, t_x: torch.Tensor, t_sum: torch.Tensor,
+                       a: torch.Tensor, n: int) -> None:
+    """``_accumulate`` for targets ``T = t_in @ a.T``, from one batch's ``gram = X^T X``,
+    ``t_x = t_in^T X`` and ``t_sum = t_in.sum(0)`` (float64): ``C_b`` is a slice of
+    ``gram`` and ``T_R^T X_K = a_R t_x[:, K]``, so Q, K and V share the token-sized work
+    and the FFN-in targets (4x wider than its input) are never formed.
+    """
+    st["n"] += n
+    st["tsum"] += a @ t_sum
+    for blk in st["blocks"]:
+        k = blk["cols"]
+        blk["c"] += gram[k][:, k]
+        blk["cross"] += a[blk["rows"]] @ t_x[:, k]
 
 
 def _affine(linear: nn.Module) -> torch.Tensor:

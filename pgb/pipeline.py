@@ -102,7 +102,10 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     with clock("compensation"):
         apply_masks(student, recipe)
         if cfg.compensate:
-            compensate(student, teacher, recipe, calib, cfg.damping, progress,
+            # the same sample, batched by length: token sums, less padding to run through
+            by_length = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed,
+                                         by_length=True)
+            compensate(student, teacher, recipe, by_length, cfg.damping, progress,
                        cfg.compensation_target)
     to_compact(student, recipe)
     before = dev_metrics(student, task, tokenizer, data, progress) \

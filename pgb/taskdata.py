@@ -25,6 +25,7 @@ class TaskData:
         self.train_df = df
         self.teacher_metrics: dict | None = None  # known dev metrics of the teacher, if any
         self._train: EncodedSplit | None = None
+        self._samples: dict[tuple[int, int], EncodedSplit] = {}  # calibration samples
 
     @property
     def train(self) -> EncodedSplit:
@@ -34,13 +35,29 @@ class TaskData:
                                  max_length=self.length, train=True)
         return self._train
 
-    def calibration(self, samples: int, batch_size: int, seed: int) -> list[dict]:
+    def calibration(self, samples: int, batch_size: int, seed: int,
+                    by_length: bool = False) -> list[dict]:
         """A seeded sample of training features, as a fixed list of batches.
 
         Classification: one feature per example, so the sample is the same whether or not
         the whole split was encoded. QA (several windows per long context): the seeded
         examples are encoded, then ``samples`` of their windows are drawn.
+
+        ``by_length`` orders the same sample by length before batching, so that batches
+        carry little padding: for sums over tokens (compensation), which do not depend on
+        how tokens are batched. Batch-level statistics (Fisher scores) keep the seeded
+        order.
         """
+        key = (samples, seed)
+        if key not in self._samples:
+            self._samples[key] = self._sample(samples, seed)
+        sub = self._samples[key]
+        if by_length:
+            order = np.argsort([len(ids) for ids in sub.inputs["input_ids"]], kind="stable")
+            sub = _subset(sub, order)
+        return list(make_loader(sub, batch_size=batch_size, shuffle=False))
+
+    def _sample(self, samples: int, seed: int) -> EncodedSplit:
         rng = np.random.default_rng(seed)
         if self._train is not None or self.task.kind != "qa":
             n = len(self.train_df) if self._train is None else len(self._train)
@@ -57,7 +74,7 @@ class TaskData:
                          max_length=self.length, train=True)
             pick = np.sort(rng.permutation(len(enc))[:min(samples, len(enc))])
             sub = _subset(enc, pick)
-        return list(make_loader(sub, batch_size=batch_size, shuffle=False))
+        return sub
 
     def epoch_batches(self, batch_size: int, seed: int):
         """make_batches(epoch) for ``finetune.train``: a seeded shuffle per epoch."""

@@ -29,7 +29,7 @@ class FakeData:
     def __init__(self, n=3):
         self.batches = [tiny_batch(n=6, length=13, seed=s) for s in range(n)]
 
-    def calibration(self, samples, batch_size, seed):
+    def calibration(self, samples, batch_size, seed, by_length=False):
         return self.batches[:max(1, samples // 6)]
 
     def epoch_batches(self, batch_size, seed):

@@ -103,3 +103,32 @@ def test_stream_targets_beat_local_targets_on_the_output():
         compensate(student, teacher, recipe, batches, progress=False, target=target)
         errors[target] = (hidden(student, batches) - hidden(teacher, batches)).pow(2).mean()
     assert errors["stream"] < errors["local"]
+
+
+def test_affine_statistics_equal_the_direct_ones():
+    # Q, K, V and FFN-in targets are t_in @ a.T: their sums come from X^T X and t_in^T X
+    from pgb.compensate import _accumulate, _accumulate_affine
+
+    gen = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 57, 9, 13
+    x = torch.cat([torch.randn(n, d_in, generator=gen), torch.ones(n, 1)], 1).double()
+    t_in = torch.cat([torch.randn(n, d_in, generator=gen), torch.ones(n, 1)], 1).double()
+    a = torch.randn(d_out, d_in + 1, generator=gen).double()
+
+    def empty():
+        blocks = [{"rows": torch.tensor(r), "cols": torch.tensor(c),
+                   "c": torch.zeros(len(c), len(c), dtype=torch.float64),
+                   "cross": torch.zeros(len(r), len(c), dtype=torch.float64)}
+                  for r, c in (([0, 5, 7], [2, 4, 9]), ([1, 12], [0, 1, 3, 9]))]
+        return {"blocks": blocks, "tsum": torch.zeros(d_out, dtype=torch.float64),
+                "n": torch.zeros((), dtype=torch.float64)}
+
+    direct, shared = empty(), empty()
+    for _ in range(2):  # two batches
+        _accumulate(direct, x, t_in @ a.T)
+        _accumulate_affine(shared, x.T @ x, t_in.T @ x, t_in.sum(0), a, n)
+    torch.testing.assert_close(shared["tsum"], direct["tsum"])
+    assert shared["n"] == direct["n"] == 2 * n
+    for s, d in zip(shared["blocks"], direct["blocks"], strict=True):
+        torch.testing.assert_close(s["c"], d["c"])
+        torch.testing.assert_close(s["cross"], d["cross"])

@@ -36,3 +36,23 @@ def test_qa_calibration_draws_windows_from_seeded_examples(shared_data, minilm_p
     assert {"start_positions", "end_positions"} <= set(first[0])
     assert _same_batches(first, data.calibration(48, batch_size=16, seed=1))
     assert not _same_batches(first, data.calibration(48, batch_size=16, seed=2))
+
+
+def test_by_length_batches_hold_the_same_sample_with_less_padding(shared_data, minilm_path):
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    data = TaskData(get_task("mrpc"), tok, shared_data, max_samples=300, seed=0)
+    plain = data.calibration(96, batch_size=16, seed=3)
+    ordered = data.calibration(96, batch_size=16, seed=3, by_length=True)
+
+    def rows(batches):  # every example's unpadded tokens and label
+        return sorted((tuple(ids[m.bool()].tolist()), int(y)) for b in batches
+                      for ids, m, y in zip(b["input_ids"], b["attention_mask"], b["labels"],
+                                           strict=True))
+
+    def padded(batches):
+        return sum(b["input_ids"].numel() for b in batches)
+
+    assert rows(ordered) == rows(plain)
+    assert padded(ordered) < padded(plain)
+    lengths = [int(m.sum()) for b in ordered for m in b["attention_mask"]]
+    assert lengths == sorted(lengths)
