@@ -1,7 +1,7 @@
 """Task data shared by every stage: the training split encoded once, batched on demand.
 
 The full split is tokenized only when a stage needs all of it (re-finetuning): a one-shot
-compression tokenizes just its calibration sample, which on SQuAD saves most of a minute.
+compression tokenizes just its calibration sample (on SQuAD: 1,024 of 87,599 examples).
 """
 
 from __future__ import annotations
