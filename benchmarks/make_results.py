@@ -9,6 +9,9 @@ Reads every ``<results>/*.json`` written by ``benchmarks/campaign.py`` and write
 - PNG plots: per task the metric against sparsity and against measured speed-up, and the
   prune + compensate time of every method.
 
+A hand-written ``<results>/NOTES.md`` (what the numbers mean, where PGB loses and why),
+when present, is included after the summary tables.
+
 Usage: ``python benchmarks/make_results.py [--results DIR] [--out FILE] [--plots DIR]``.
 """
 
@@ -293,7 +296,10 @@ def machine_section(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def render(records: list[dict], source: str = "benchmarks/results/campaign") -> str:
+def render(records: list[dict], source: str = "benchmarks/results/campaign",
+           notes: str = "") -> str:
+    """RESULTS.md; ``notes`` (the reading of the numbers, kept beside the results in
+    ``<results>/NOTES.md``) goes after the summary tables."""
     tasks: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         tasks[str(r.get("task") or "unknown")].append(r)
@@ -302,6 +308,8 @@ def render(records: list[dict], source: str = "benchmarks/results/campaign") -> 
              f"`{source}/`. Do not edit by hand: edit the script and re-run it._", "",
              *machine_section(records), *summary_section(records),
              *dominance_section(records)]
+    if notes.strip():
+        lines += ["## Notes", "", notes.strip(), ""]
     for task in sorted(tasks):
         lines += task_section(task, tasks[task])
     return "\n".join(lines).rstrip() + "\n"
@@ -411,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
               "first", file=sys.stderr)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(records, _show(Path(args.results))))
+    notes_file = Path(args.results) / "NOTES.md"
+    notes = notes_file.read_text() if notes_file.is_file() else ""
+    Path(args.out).write_text(render(records, _show(Path(args.results)), notes))
     plots = make_plots(records, Path(args.plots))
     print(f"{args.out}: {len(records)} runs; {len(plots)} plots in {args.plots}")
     return 0

@@ -380,3 +380,14 @@ def test_no_refinetune_rows_derived_from_before_metrics():
     # a real no-re-finetune run wins over the derived row
     real = dict(rec, name="minilm-mrpc-pgb-s0.5-nrft", refinetune=False)
     assert len(make_results.derive_no_refinetune([rec, real])) == 2
+
+
+def test_notes_beside_the_results_go_into_results_md(results_dir, tmp_path):
+    (results_dir / "NOTES.md").write_text("PGB loses on STS-B at 0.875: 0.18 vs 0.83.\n")
+    out = tmp_path / "RESULTS.md"
+    assert make_results.main(["--results", str(results_dir), "--out", str(out),
+                              "--plots", str(tmp_path / "plots")]) == 0
+    text = out.read_text()
+    assert "## Notes\n\nPGB loses on STS-B at 0.875: 0.18 vs 0.83.\n" in text
+    assert text.index("## Notes") < text.index("## mrpc")
+    assert "## Notes" not in make_results.render(make_results.load_results(results_dir))
