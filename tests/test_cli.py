@@ -4,9 +4,8 @@ bench, export, report; and the errors users hit first."""
 import json
 
 import pytest
-import torch
 import transformers
-from tiny import tiny_config
+from tiny import save_tiny_bert
 
 from pgb.cli import main
 
@@ -14,15 +13,9 @@ from pgb.cli import main
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, minilm_path):
     """A tiny random BERT with the real MiniLM tokenizer, saved like a hub checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
-    config = tiny_config("bert", num_labels=2)
-    config.vocab_size = tok.vocab_size
-    config.max_position_embeddings = 512  # QA windows are 384 tokens
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    # QA windows are 384 tokens
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path,
+                          max_position_embeddings=512)
 
 
 def run(capsys, *argv) -> dict:

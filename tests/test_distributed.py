@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny import tiny_batch, tiny_config, tiny_model
+from tiny import save_tiny_bert, tiny_batch, tiny_model
 
 import pgb
 from pgb import distributed as dist
@@ -151,14 +151,8 @@ def test_refinetune_ranks_agree_and_saved_model_loads(ranks):
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory, minilm_path) -> Path:
     """A tiny random BERT classifier (2 labels) with the real MiniLM tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-teacher")
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
-    config = tiny_config("bert", num_labels=2)
-    config.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-teacher"), minilm_path,
+                          transformers.BertForSequenceClassification)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from tiny import random_scores, tiny_batch, tiny_config, tiny_model
+from tiny import random_scores, save_tiny_bert, tiny_batch, tiny_config, tiny_model
 
 import pgb.finetune
 import pgb.pipeline
@@ -59,15 +59,8 @@ def save_tokenizer(folder: Path, minilm_path: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, minilm_path) -> Path:
     """A tiny random BERT (dropout 0.1) with the real MiniLM tokenizer, saved like the hub."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
-    config = tiny_config("bert", num_labels=2)
-    config.vocab_size = tok.vocab_size
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path,
+                          hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
 @pytest.fixture(scope="module")

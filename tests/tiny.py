@@ -49,6 +49,21 @@ def tiny_model(model_type: str = "bert", num_labels: int = 3, seed: int = 0, qa:
     return model.eval()
 
 
+def save_tiny_bert(folder, tokenizer_path: str, model_class=transformers.BertModel,
+                   **config_overrides):
+    """A tiny random BERT (2 labels) saved like a hub checkpoint, with the tokenizer at
+    ``tokenizer_path`` (its vocabulary size), for the CLI and end-to-end tests."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    config = tiny_config("bert", num_labels=2)
+    config.vocab_size = tok.vocab_size
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def tiny_batch(n: int = 3, length: int = 11, seed: int = 0, labels: int | None = 3) -> dict:
     """Random token ids with a padded tail on one row (attention mask exercised)."""
     g = torch.Generator().manual_seed(seed)
