@@ -59,27 +59,24 @@ class TaskData:
 
     def _sample(self, samples: int, seed: int) -> EncodedSplit:
         rng = np.random.default_rng(seed)
-        if self._train is not None or self.task.kind != "qa":
-            n = len(self.train_df) if self._train is None else len(self._train)
-            pick = np.sort(rng.permutation(n)[:min(samples, n)])
-            if self._train is not None:
-                sub = _subset(self._train, pick)
-            else:
-                sub = encode(self.task, self.train_df.iloc[pick], self.tokenizer,
-                             max_length=self.length, train=True)
-        else:
-            n = len(self.train_df)
-            rows = np.sort(rng.permutation(n)[:min(samples, n)])
-            enc = encode(self.task, self.train_df.iloc[rows], self.tokenizer,
-                         max_length=self.length, train=True)
-            pick = np.sort(rng.permutation(len(enc))[:min(samples, len(enc))])
-            sub = _subset(enc, pick)
-        return sub
+        if self._train is not None:  # already encoded: draw features
+            return _subset(self._train, _draw(rng, len(self._train), samples))
+        rows = _draw(rng, len(self.train_df), samples)
+        enc = encode(self.task, self.train_df.iloc[rows], self.tokenizer,
+                     max_length=self.length, train=True)
+        if self.task.kind != "qa":  # one feature per example: the same draw as above
+            return enc
+        return _subset(enc, _draw(rng, len(enc), samples))
 
     def epoch_batches(self, batch_size: int, seed: int):
         """make_batches(epoch) for ``finetune.train``: a seeded shuffle per epoch."""
         return lambda epoch: list(make_loader(self.train, batch_size, shuffle=True,
                                               seed=seed * 1000 + epoch))
+
+
+def _draw(rng: np.random.Generator, n: int, samples: int) -> np.ndarray:
+    """``samples`` sorted indices out of ``n`` (all of them when fewer)."""
+    return np.sort(rng.permutation(n)[:min(samples, n)])
 
 
 def _subset(enc: EncodedSplit, idx: np.ndarray) -> EncodedSplit:
