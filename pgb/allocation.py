@@ -8,6 +8,16 @@ be overshot. Phase 2 removes single weak blocks (least importance per weight fir
 the budget is met, so the achieved sparsity lands on the target to within one small block.
 A sublayer whose matrices end with no block is dropped.
 
+With coarse blocks (tiny models, small --max-groups, --no-drop) the greedy can miss the
+target by more than ``WARN_MISS`` although a closer allocation exists. Then an exact
+fallback runs: a dynamic program over sublayers on the kept-weight total, whose options per
+sublayer are a candidate G with any number of its blocks (each matrix keeping its
+highest-scoring ones) or, when allowed, the drop. Among the totals within ``WARN_MISS`` it
+takes the allocation of best objective value. It runs only while the grid of totals (in
+units of the gcd of all block sizes) has at most ``EXACT_STATES`` points; otherwise, or
+when no total is within reach, the greedy result stands. A greedy result that meets the
+target is never changed.
+
 Example::
 
     >>> recipe = allocate(groupings, dims, "bert", sparsity=0.5)
@@ -21,6 +31,8 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from .arch import SUBLAYERS, Dims
 from .grouping import Grouping
@@ -44,18 +56,30 @@ def _sizes(dims: Dims) -> dict[str, int]:
 
 OBJECTIVES = ("log", "linear")
 LOG_FLOOR = 0.01  # retained fraction credited to a dropped matrix by the "log" objective
+WARN_MISS = 0.005  # a larger miss of the target is warned about and tried exactly
+EXACT_STATES = 200_000  # the exact fallback's largest grid of kept-weight totals
+
+
+def _matrix_value(kept: float, total: float, objective: str) -> float:
+    """Value of keeping importance ``kept`` of a matrix whose importance is ``total``."""
+    if objective == "linear":
+        return kept
+    return total * math.log(max(kept / max(total, 1e-30), LOG_FLOOR))
 
 
 def _value(gr: Grouping | None, objective: str) -> float:
     """What an option keeps: importance mass ("linear"), or sum over matrices of
     total * log(retained fraction) ("log"), which makes each further loss in an already
     thinned matrix cost more. ``gr`` None is the drop option."""
-    if objective == "linear":
-        return 0.0 if gr is None else float(sum(s.sum() for s in gr.block_scores.values()))
     if gr is None:
-        return 0.0  # filled in by _options (needs the totals)
-    return float(sum(t * math.log(max(gr.block_scores[m].sum() / max(t, 1e-30), LOG_FLOOR))
+        return 0.0  # see _drop_value (needs the totals)
+    return float(sum(_matrix_value(gr.block_scores[m].sum(), t, objective)
                      for m, t in gr.totals.items()))
+
+
+def _drop_value(totals: dict[str, float], objective: str) -> float:
+    """Value of dropping a sublayer whose matrices hold importance ``totals``."""
+    return 0.0 if objective == "linear" else sum(totals.values()) * math.log(LOG_FLOOR)
 
 
 def _options(kind: str, by_g: dict[int, Grouping], dims: Dims, allow_drop: bool,
@@ -63,9 +87,7 @@ def _options(kind: str, by_g: dict[int, Grouping], dims: Dims, allow_drop: bool,
     n_mats, size = len(SUBLAYERS[kind]), _sizes(dims)[kind]
     opts = [_Option(g, n_mats * size // g, _value(gr, objective)) for g, gr in by_g.items()]
     if allow_drop:
-        totals = next(iter(by_g.values())).totals
-        drop = 0.0 if objective == "linear" else sum(totals.values()) * math.log(LOG_FLOOR)
-        opts.append(_Option(0, 0, drop))
+        opts.append(_Option(0, 0, _drop_value(next(iter(by_g.values())).totals, objective)))
     return _upper_hull(sorted(opts, key=lambda o: -o.weights))
 
 
@@ -112,12 +134,21 @@ def allocate(groupings: dict[Key, dict[int, Grouping]], dims: Dims, model_type: 
     kept = {k: _all_blocks(k[1], g) for k, g in choice.items()}
     _phase2(groupings, choice, kept, dims, budget, tolerance * total, allow_drop, objective)
     recipe = _recipe(groupings, choice, kept, dims, model_type)
+    if abs(recipe.sparsity() - sparsity) > WARN_MISS:  # coarse blocks: try the exact search
+        pool = groupings if uniform is None else \
+            {k: {uniform: by_g[uniform]} for k, by_g in groupings.items()}
+        exact = _exact(pool, dims, sparsity, allow_drop, objective)
+        if exact is not None:
+            choice, kept = exact
+            if uniform is not None:  # a sublayer emptied in the ablation keeps its G
+                choice = dict.fromkeys(choice, uniform)
+            recipe = _recipe(groupings, choice, kept, dims, model_type)
     _check_budget(recipe, sparsity, groupings, allow_drop)
     return recipe
 
 
 def _check_budget(recipe: Recipe, sparsity: float, groupings, allow_drop: bool,
-                  warn_miss: float = 0.005, max_miss: float = 0.05) -> None:
+                  warn_miss: float = WARN_MISS, max_miss: float = 0.05) -> None:
     """Warn when the achieved sparsity misses the target by more than half a point; refuse
     a miss above ``max_miss`` (5 points): that model is not the one asked for.
 
@@ -197,6 +228,79 @@ def _phase2(groupings, choice, kept, dims, budget, slack, allow_drop: bool = Tru
                 continue  # the sublayer's last block: --no-drop forbids dropping it
             kept[k][role].remove(b)
             used -= block
+
+
+def _exact(groupings: dict[Key, dict[int, Grouping]], dims: Dims, sparsity: float,
+           allow_drop: bool, objective: str
+           ) -> tuple[dict[Key, int], dict[Key, dict[str, list[int]]]] | None:
+    """(choice, kept) of best value among the allocations within ``WARN_MISS`` of
+    ``sparsity``, by dynamic programming over sublayers on the kept-weight total; None when
+    there is none or the grid of totals exceeds ``EXACT_STATES``."""
+    size = _sizes(dims)
+    unit = math.gcd(*(size[k[1]] // (g * g) for k, by_g in groupings.items() for g in by_g))
+    total = dims.layers * sum(len(SUBLAYERS[k]) * n for k, n in size.items())
+    if not unit or total // unit >= EXACT_STATES:
+        return None
+    n = total // unit + 1
+    val = np.full(n, -np.inf)  # best value per kept total (in units), -inf: out of reach
+    val[0] = 0.0
+    steps = []  # per sublayer: its options and, per total, the option that reached it
+    for k, by_g in groupings.items():
+        opts = list(_exact_options(k[1], by_g, dims, unit, allow_drop, objective).items())
+        new, arg = np.full(n, -np.inf), np.full(n, -1, dtype=np.int32)
+        for j, (w, (v, _, _)) in enumerate(opts):
+            cand = val[:n - w] + v
+            better = cand > new[w:]
+            new[w:][better] = cand[better]
+            arg[w:][better] = j
+        steps.append((k, opts, arg))
+        val = new
+    miss = np.abs(1.0 - np.arange(n) * unit / total - sparsity)  # as Recipe.sparsity counts
+    ok = np.flatnonzero((miss <= WARN_MISS) & np.isfinite(val))
+    if not len(ok):
+        return None
+    at = int(ok[np.lexsort((miss[ok], -val[ok]))[0]])  # best value, then the closest
+    choice, kept = {}, {}
+    for k, opts, arg in reversed(steps):
+        w, (_, g, counts) = opts[arg[at]]
+        at -= w
+        choice[k] = g
+        kept[k] = {r: sorted(int(b) for b in np.argsort(-groupings[k][g].block_scores[r],
+                                                         kind="stable")[:counts[r]])
+                   for r in SUBLAYERS[k[1]]} if g else _all_blocks(k[1], 0)
+    return choice, kept
+
+
+def _exact_options(kind: str, by_g: dict[int, Grouping], dims: Dims, unit: int,
+                   allow_drop: bool, objective: str) -> dict[int, tuple[float, int, dict]]:
+    """Per kept total (in units) of one sublayer, its best option: (value, G or 0 for the
+    drop, kept blocks per matrix). A kept G keeps at least one block."""
+    size = _sizes(dims)[kind]
+    best: dict[int, tuple[float, int, dict]] = {}
+    if allow_drop:
+        best[0] = (_drop_value(next(iter(by_g.values())).totals, objective), 0, {})
+    for g, gr in by_g.items():
+        block = size // (g * g) // unit
+        for m, (v, counts) in _splits(gr, objective).items():
+            if m and v > best.get(m * block, (-math.inf,))[0]:
+                best[m * block] = (v, g, counts)
+    return best
+
+
+def _splits(gr: Grouping, objective: str) -> dict[int, tuple[float, dict[str, int]]]:
+    """Per number of kept blocks, the best value and how many each matrix keeps (its
+    highest-scoring ones)."""
+    best: dict[int, tuple[float, dict[str, int]]] = {0: (0.0, {})}
+    for role, t in gr.totals.items():
+        top = np.concatenate([[0.0], np.cumsum(np.sort(gr.block_scores[role])[::-1])])
+        values = [_matrix_value(float(s), t, objective) for s in top]
+        new: dict[int, tuple[float, dict[str, int]]] = {}
+        for m, (v, counts) in best.items():
+            for c, vc in enumerate(values):
+                if v + vc > new.get(m + c, (-math.inf,))[0]:
+                    new[m + c] = (v + vc, {**counts, role: c})
+        best = new
+    return best
 
 
 def _recipe(groupings, choice, kept, dims, model_type) -> Recipe:

@@ -1,5 +1,7 @@
 """Allocator: budget met, importance-aware choices, drops, uniform ablation."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,30 @@ def test_no_drop_when_disallowed():
     recipe = allocate(groupings_for(np.random.default_rng(1), weak_layer=1), DIMS, "bert", 0.5,
                       allow_drop=False)
     assert all(p.groups > 1 for p in recipe.sublayers if p.layer == 1)
+
+
+@pytest.mark.parametrize("objective", ["log", "linear"])
+@pytest.mark.parametrize("uniform", [None, 1])
+def test_exact_fallback_when_the_greedy_misses(objective, uniform, caplog):
+    # hidden 3, FFN 6, G=1 only, no drops: 4 attention matrices of 9 weights, 2 FFN of 18,
+    # 72 in all. The greedy alone reaches 0.625 (and refuses); keeping the 2 strongest
+    # attention matrices and the stronger FFN matrix is exactly 0.5
+    dims = Dims(layers=1, hidden=3, heads=1, intermediate=6)
+    weight = {"query": 4.0, "key": 1.0, "value": 3.0, "attn_out": 2.0,
+              "ffn_in": 5.0, "ffn_out": 6.0}
+    groupings = {}
+    for kind, roles, inner in (("attn", ("query", "key", "value", "attn_out"), 3),
+                               ("ffn", ("ffn_in", "ffn_out"), 6)):
+        scores = {r: np.full((inner, 3), weight[r]) for r in roles}
+        groupings[(0, kind)] = {1: search_sublayer(scores, 1, heads=1 if kind == "attn" else None)}
+    with caplog.at_level(logging.WARNING, logger="pgb.allocation"):
+        recipe = allocate(groupings, dims, "bert", 0.5, uniform=uniform, allow_drop=False,
+                          objective=objective)
+    assert recipe.sparsity() == 0.5 and not caplog.records
+    recipe.validate()
+    kept = {r for p in recipe.sublayers for r, m in p.matrices.items() if m.kept}
+    assert kept == {"query", "value", "ffn_out"}
+    assert {p.groups for p in recipe.sublayers} == {1} and recipe.dropped_sublayers() == []
 
 
 def test_uniform_groups_everywhere():

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -226,13 +225,6 @@ def test_allocator_meets_the_budget_or_says_so(case):
     assert np.isclose(1.0 - kept / total_weights(dims), recipe.sparsity())
 
 
-@pytest.mark.xfail(strict=True, reason="allocate is a greedy heuristic: phase 1 discards a "
-                   "sublayer whose next step overshoots, phase 2 removes the weakest blocks "
-                   "of the phase-1 choice one by one and never stops below the target, so "
-                   "coarse blocks can miss by more than half a point although an allocation "
-                   "within it exists. Smallest case: Dims(1, 3, 1, 6), G=1 only, no drops, "
-                   "0.5 -> 0.625, while keeping 2 of the 4 attention matrices and 1 of the 2 "
-                   "FFN matrices is exactly 0.5")
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(model_case())

@@ -73,7 +73,7 @@ def test_permute_only_surgery_leaves_logits_unchanged(family):
 @pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
 def test_dropped_sublayers_equal_their_bias_only_branch(family):
     model = tiny_model(family)
-    recipe = make_recipe(model, 0.55, weak=("0.attn", "1.ffn"))
+    recipe = make_recipe(model, 0.555, weak=("0.attn", "1.ffn"))  # a target the drops meet
     assert {"0.attn", "1.ffn"} <= set(recipe.dropped_sublayers())
     compact = to_compact(copy.deepcopy(model), recipe)
     spec_core = {"bert": "attention.self", "distilbert": "attention",
