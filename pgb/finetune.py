@@ -146,7 +146,7 @@ def _wrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _step(runner, teacher, batch, cfg: TrainConfig, device) -> float:
+def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = True) -> float:
     batch = {k: v.to(device) for k, v in batch.items()}
     hidden = teacher is not None and cfg.kd_alpha > 0 and cfg.kd_hidden > 0
     out = runner(**batch, output_hidden_states=hidden)
@@ -164,7 +164,8 @@ def _step(runner, teacher, batch, cfg: TrainConfig, device) -> float:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss.item()}; lower the learning "
                                  f"rate (now {cfg.lr}) or check the labels")
-    loss.backward()
+    if backward:
+        loss.backward()
     return float(loss.detach())
 
 

@@ -121,3 +121,43 @@ def test_compact_trains_and_keeps_structure():
 def test_densify_needs_a_compact_model():
     with pytest.raises(ValueError, match="compact pgb model"):
         densify(tiny_model("bert"))
+
+
+def test_training_the_compact_model_equals_training_the_masked_dense_one():
+    """Re-finetuning runs on the compact model; it must follow, step by step, the masked
+    dense model trained with its pruned weights held at zero (same AdamW, weight decay,
+    dropout masks and clipping as pgb's own re-finetuning)."""
+    from pgb.config import TrainConfig
+    from pgb.finetune import _optimizer, _update
+
+    model = tiny_model("bert")
+    recipe = make_recipe(model, 0.6, weak=("1.attn",))
+    masked = copy.deepcopy(model)
+    apply_masks(masked, recipe)
+    compact = to_compact(copy.deepcopy(masked), recipe)
+    masks = {get_matrix(masked, p.layer, r).weight: p.mask(r) for p in recipe.sublayers
+             if not p.dropped for r in p.matrices}
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0)
+    runs = {}
+    for name, net in (("compact", compact), ("masked", masked)):
+        opt = _optimizer(net, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+        net.train()
+        torch.manual_seed(3)  # the same dropout masks in both runs
+        for step in range(4):
+            net(**tiny_batch(seed=step)).loss.backward()
+            for w, m in masks.items():
+                if w.grad is not None and name == "masked":
+                    w.grad.mul_(m.to(w.grad))
+            _update(net, opt, sched, cfg)
+        runs[name] = logits(net.eval(), tiny_batch(seed=9))
+    # the dropped attention of layer 1 keeps training its bias only in both
+    assert not torch.allclose(runs["compact"], logits(compact_start(model, recipe),
+                                                      tiny_batch(seed=9)), atol=1e-3)
+    torch.testing.assert_close(runs["compact"], runs["masked"], atol=1e-4, rtol=1e-4)
+
+
+def compact_start(model, recipe):
+    masked = copy.deepcopy(model)
+    apply_masks(masked, recipe)
+    return to_compact(masked, recipe).eval()

@@ -1,0 +1,40 @@
+"""Development experiment (see benchmarks/design/README.md): how brittle is a one-shot
+student? For each configuration (a JSON of CompressConfig fields): the dev metric, and
+the re-finetuning loss on the first 8 training batches in eval mode and in train mode
+(dropout on). A large gap means dropout, and so re-finetuning, starts far from the
+one-shot solution.
+
+Usage: python benchmarks/design/brittle.py TASK SPARSITY '{"damping": 0.1}' ['{...}' ...]
+"""
+
+import json
+import sys
+
+import torch
+
+from pgb.config import CompressConfig
+from pgb.finetune import _step, set_seed
+from pgb.modeling import load_task_model
+from pgb.pipeline import run_method
+from pgb.taskdata import TaskData
+from pgb.tasks import get_task
+
+task, sparsity = get_task(sys.argv[1]), float(sys.argv[2])
+teacher, tok, _ = load_task_model(f"runs/teachers/{sys.argv[1]}", task)
+teacher.eval()
+data = TaskData(task, tok, "../shared/data", None, 128, max_samples=4000)
+with open(f"runs/teachers/{sys.argv[1]}/metrics.json") as f:
+    data.teacher_metrics = json.load(f)["metrics"]
+for spec in sys.argv[3:]:
+    cfg = CompressConfig(sparsity=sparsity, refinetune=False, **json.loads(spec))
+    result = run_method(teacher, tok, task, cfg, data, progress=False)
+    student, tcfg = result.model, CompressConfig(sparsity=sparsity).train_config()
+    batches = data.epoch_batches(tcfg.batch_size, tcfg.seed)(0)[:8]
+    loss = {}
+    for mode in ("eval", "train"):
+        set_seed(0)
+        student.train(mode == "train")
+        with torch.no_grad():
+            loss[mode] = round(sum(_step(student, teacher, b, tcfg, "cpu", backward=False)
+                                   for b in batches) / len(batches), 4)
+    print(spec, "metrics", result.report["metrics"], "start loss", loss, flush=True)

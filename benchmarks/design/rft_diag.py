@@ -1,0 +1,88 @@
+"""Development experiment (see benchmarks/design/README.md): why does re-finetuning move
+PGB students so little? Compresses one shot, then re-finetunes with the library's own
+step and update functions while logging, every LOG steps, the training loss, the global
+gradient norm before clipping, and the share of it on the grouped (compact) weights.
+
+Usage: python benchmarks/design/rft_diag.py TASK SPARSITY '{"method": "pgb"}' ['{...}' ...]
+Extra keys besides CompressConfig fields: "steps" (default: one epoch), "dropout" (the
+student's dropout probability during re-finetuning; default: the model's own).
+"""
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+from pgb.config import CompressConfig
+from pgb.finetune import _optimizer, _schedule, _step, set_seed, total_steps
+from pgb.grouped_linear import GroupedLinear
+from pgb.modeling import load_task_model
+from pgb.pipeline import dev_metrics, run_method
+from pgb.taskdata import TaskData
+from pgb.tasks import get_task
+
+LOG = 10
+task, sparsity = get_task(sys.argv[1]), float(sys.argv[2])
+teacher, tok, _ = load_task_model(f"runs/teachers/{sys.argv[1]}", task)
+teacher.eval()
+data = TaskData(task, tok, "../shared/data", None, 128, max_samples=4000)
+with open(f"runs/teachers/{sys.argv[1]}/metrics.json") as f:
+    data.teacher_metrics = json.load(f)["metrics"]
+
+
+def grad_norms(model):
+    grouped, other = 0.0, 0.0
+    grouped_ids = {id(p) for m in model.modules() if isinstance(m, GroupedLinear)
+                   for p in m.parameters()}
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = float(p.grad.pow(2).sum())
+            if id(p) in grouped_ids:
+                grouped += sq
+            else:
+                other += sq
+    return math.sqrt(grouped + other), math.sqrt(grouped)
+
+
+for spec in sys.argv[3:]:
+    fields = json.loads(spec)
+    steps_wanted = fields.pop("steps", None)
+    dropout = fields.pop("dropout", None)
+    cfg = CompressConfig(sparsity=sparsity, refinetune=False, **fields)
+    result = run_method(teacher, tok, task, cfg, data, progress=False)
+    student, before = result.model, result.report["metrics"]
+    tcfg = CompressConfig(sparsity=sparsity, **fields).train_config()
+    set_seed(tcfg.seed)
+    batches = data.epoch_batches(tcfg.batch_size, tcfg.seed)(0)
+    steps = steps_wanted or total_steps(tcfg, len(batches))
+    opt = _optimizer(student, tcfg)
+    sched = _schedule(opt, steps, int(tcfg.warmup_ratio * steps))
+    if dropout is not None:
+        for m in student.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = dropout
+    for mode in ("eval", "train"):  # the starting loss, without and with dropout
+        student.train(mode == "train")
+        with torch.no_grad():
+            start_loss = [_step(student, teacher, b, tcfg, "cpu", backward=False)
+                          for b in batches[:8]]
+        print(f"  start loss ({mode} mode) {sum(start_loss) / len(start_loss):.4f}", flush=True)
+    student.train()
+    start, losses = time.perf_counter(), []
+    for i in range(steps):
+        losses.append(_step(student, teacher, batches[i % len(batches)], tcfg, "cpu"))
+        total, grouped = grad_norms(student)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), tcfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if i % LOG == 0 or i == steps - 1:
+            print(f"  step {i:4d} loss {sum(losses[-LOG:]) / len(losses[-LOG:]):.4f} "
+                  f"grad {total:.3g} (grouped {grouped:.3g}) lr {sched.get_last_lr()[0]:.2e}",
+                  flush=True)
+    student.eval()
+    after = dev_metrics(student, task, tok, data, progress=False)
+    print(spec, "before", before, "after", after, "sec", round(time.perf_counter() - start),
+          flush=True)
