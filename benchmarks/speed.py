@@ -6,7 +6,11 @@ the models are timed in turn (interleaved) with ``pgb.bench``; the JSON goes to
 
 Usage:
     python benchmarks/speed.py --case NAME COMPRESSED TEACHER [STRUCTURED] [--case ...]
-        [--shapes 32x128,1x128] [--threads 2] [--repeats 30]
+        [--shapes 32x128,1x128] [--threads 2] [--repeats 30] [--reuse-memory]
+        [--out benchmarks/results/speed.json]
+
+--reuse-memory runs every model under ``pgb.bench.keep_freed_memory()`` (glibc keeps
+freed memory, so forwards do not page-fault fresh memory in).
 """
 
 from __future__ import annotations
@@ -25,15 +29,26 @@ from pgb.bench import bench_folders, summarize
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_case(name: str, folders: list[str], shapes: list[tuple[int, int]], threads: int,
-             repeats: int) -> list[dict]:
+             repeats: int, reuse_memory: bool = False) -> list[dict]:
     labels = ["compressed", "baseline", "structured"][:len(folders)]
     out = []
     for batch, seq in shapes:
         res = bench_folders(dict(zip(labels, folders, strict=True)), batch, seq,
                             repeats=repeats, warmup=3, threads=threads, device="cpu",
-                            memory=True, progress=False)
+                            memory=True, progress=False, reuse_memory=reuse_memory)
         record = summarize(res, batch, seq, threads, "cpu")
+        record.update(reuse_memory=reuse_memory, cpu=cpu_model())
         report = Path(folders[0]) / "report.json"
         if report.is_file():
             rep = json.loads(report.read_text())
@@ -62,9 +77,11 @@ def table(records: list[dict]) -> str:
             f"{s_cols[0]} | {s_cols[1]} | "
             f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['baseline_checkpoint_bytes'] / 2**20:.1f} |")
     r0 = records[0] if records else {}
+    memory = "freed memory kept for reuse (`--reuse-memory`)" if r0.get("reuse_memory") \
+        else "glibc's default allocator settings"
     lines += ["", f"Threads {r0.get('threads')}, torch {torch.__version__}, "
-              f"{platform.processor() or platform.machine()}; latency = median of repeated "
-              "runs after warm-up, models interleaved in one process."]
+              f"{r0.get('cpu') or platform.machine()}, {memory}; latency = median of "
+              "repeated runs after warm-up, models interleaved in one process."]
     return "\n".join(lines) + "\n"
 
 
@@ -75,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="32x128,1x128")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--reuse-memory", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -82,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.case:
         if not 3 <= len(case) <= 4:
             p.error(f"--case takes NAME COMPRESSED TEACHER [STRUCTURED], got {case}")
-        records += run_case(case[0], case[1:], shapes, args.threads, args.repeats)
+        records += run_case(case[0], case[1:], shapes, args.threads, args.repeats,
+                            args.reuse_memory)
     out = Path(args.out)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                "command": " ".join(["python", *sys.argv]),

@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import statistics
 import subprocess
 import sys
@@ -25,6 +27,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .flops import count_params, flops
+
+log = logging.getLogger(__name__)
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's upper limit on 64-bit systems
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep and reuse freed memory instead of returning it to the OS.
+
+    By default every large tensor a forward pass allocates (a 32 x 128 batch of MiniLM
+    intermediate activations is 25 MB) may be fresh memory from the kernel, paid in page
+    faults on first touch. On a 2-core CPU the compact MiniLM-L6 at S = 0.5 went from 714 to
+    632 ms per 32 x 128 forward, the dense teacher from 964 to 872 ms
+    (benchmarks/results/speed_glibc_default.md, speed_reuse_memory.md). This serves
+    blocks up to 32 MiB from malloc's heap and never trims it, as jemalloc and tcmalloc
+    do; the process keeps its peak memory. Process-wide, for CPU serving; returns False
+    (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.warning("keep_freed_memory: the C library is not glibc; nothing changed "
+                    "(use jemalloc or tcmalloc through LD_PRELOAD instead)")
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def load_any(folder: str) -> nn.Module:
@@ -98,10 +129,14 @@ def peak_memory_mb(folder: str, batch_size: int, seq_len: int, device: str,
 def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
                   repeats: int = 20, warmup: int = 3, threads: int | None = None,
                   device: str | None = None, memory: bool = True,
-                  progress: bool = True) -> dict[str, dict]:
-    """Measure every model folder; returns name -> metrics (see module docstring)."""
+                  progress: bool = True, reuse_memory: bool = False) -> dict[str, dict]:
+    """Measure every model folder; returns name -> metrics (see module docstring).
+    ``reuse_memory`` calls :func:`keep_freed_memory` first (every model runs under it)."""
     if threads:
         torch.set_num_threads(threads)
+    if reuse_memory and not keep_freed_memory():
+        raise RuntimeError("reuse_memory needs glibc's mallopt, which this system lacks; "
+                           "measure without it, or preload jemalloc or tcmalloc")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = {name: load_any(f).to(device).eval() for name, f in folders.items()}
     batch = dummy_batch(next(iter(models.values())), batch_size, seq_len, device)

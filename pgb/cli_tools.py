@@ -16,6 +16,9 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="keep freed memory in the process (glibc mallopt) so forwards do not "
+                        "page-fault fresh memory in; applies to every model measured")
     p = sub.add_parser("export", help="export a model to ONNX")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="FILE.onnx")

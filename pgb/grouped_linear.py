@@ -22,6 +22,7 @@ Ideas that measured slower are listed in ``benchmarks/results/grouped_linear.md`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -77,6 +78,30 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
 # torch.export (and the dynamo-based torch.onnx.export); the TorchScript-based ONNX
 # exporter is caught by torch.jit.is_tracing()
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
+    """A (rows, cols) tensor for an intermediate of the fast kernels: per thread and slot,
+    one CPU buffer kept between calls and grown to the largest size seen (at 32 x 128
+    tokens and hidden 384: 6 MiB per slot); elsewhere (CUDA) a fresh tensor, since the
+    caching allocator already makes those cheap. ``release_scratch()`` frees the buffers."""
+    if like.device.type != "cpu":
+        return like.new_empty(rows, cols)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (slot, like.dtype)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buf = buffers[key] = torch.empty(rows * cols, dtype=like.dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are rebuilt on the next fast forward)."""
+    _SCRATCH.__dict__.pop("buffers", None)
 
 
 def _refresh_after_load(module: GroupedLinear, _incompatible_keys: object) -> None:
@@ -240,14 +265,19 @@ class GroupedLinear(nn.Module):
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (N, in)
-        xb = x2 if self.in_index is None else x2.index_select(1, self.in_index)
-        strategy = self.pick_strategy(xb)
+        strategy = self.pick_strategy(x2)
         if strategy == "reference":
+            xb = x2 if self.in_index is None else x2.index_select(1, self.in_index)
             yb = self._forward_reference(xb)
-        elif strategy == "bands":
-            yb = self._forward_bands(xb)
         else:
-            yb = self._forward_batched(xb)
+            # the gathered input and the pre-scatter output never leave this call: on the
+            # CPU they live in per-thread scratch (a fresh tensor per call costs page faults)
+            n = x2.shape[0]
+            xb = x2 if self.in_index is None else torch.index_select(
+                x2, 1, self.in_index, out=_scratch(0, n, self.in_features, x2))
+            out = None if self.out_index is None else _scratch(1, n, self.out_features, x2)
+            kernel = self._forward_bands if strategy == "bands" else self._forward_batched
+            yb = kernel(xb, out)
         y = yb if self.out_index is None else yb.index_select(1, self._out_gather)
         return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
@@ -288,10 +318,11 @@ class GroupedLinear(nn.Module):
             yb = xb.new_zeros(n, self.out_features)
         return yb if self.bias is None else yb + self.bias
 
-    def _forward_bands(self, xb: Tensor) -> Tensor:
-        """bmm straight into the output bands, then one in-place bias add."""
+    def _forward_bands(self, xb: Tensor, y: Tensor | None = None) -> Tensor:
+        """bmm straight into the output bands, then one in-place bias add (into ``y``,
+        (N, out), when given)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
-        y = xb.new_empty(n, self.out_features)
+        y = xb.new_empty(n, self.out_features) if y is None else y
         xv = xb.unflatten(1, (g, self.ib)).transpose(0, 1)  # (G, N, ib), a strided view
         yv = y.view(n, g, ob).transpose(0, 1)  # (G, N, ob), a strided view of y
         for j0, k0, k1 in self._kept_runs:
@@ -301,10 +332,11 @@ class GroupedLinear(nn.Module):
             yv[k0:k1].zero_()
         return y if self.bias is None else y.add_(self.bias)
 
-    def _forward_batched(self, xb: Tensor) -> Tensor:
-        """bmm into a (Gk, N, ob) temporary, then bias + transpose in one pass."""
+    def _forward_batched(self, xb: Tensor, y: Tensor | None = None) -> Tensor:
+        """bmm into a (Gk, N, ob) temporary, then bias + transpose in one pass (into
+        ``y``, (N, out), when given)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
-        y = xb.new_empty(n, self.out_features)
+        y = xb.new_empty(n, self.out_features) if y is None else y
         xv = xb.unflatten(1, (g, self.ib)).transpose(0, 1)  # (G, N, ib), a strided view
         yv = y.view(n, g, ob)  # (N, G, ob)
         bias = None if self.bias is None else self.bias.view(g, ob)

@@ -21,13 +21,15 @@ def cmd_bench(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = bench_folders(folders, args.batch_size, args.seq_len, repeats=args.repeats,
                         warmup=args.warmup, threads=args.threads, device=device,
-                        progress=not args.quiet)
+                        progress=not args.quiet, reuse_memory=args.reuse_memory)
     for name, r in res.items():
         print(f"{name:>11}: {r['latency_ms']:8.2f} ms  {r['throughput_seq_s']:8.1f} seq/s  "
               f"{r['params'] / 1e6:6.2f} M params  {r['checkpoint_bytes'] / 2**20:7.1f} MiB",
               file=sys.stderr)
-    return summarize(res, args.batch_size, args.seq_len, args.threads or torch.get_num_threads(),
-                     device)
+    summary = summarize(res, args.batch_size, args.seq_len,
+                        args.threads or torch.get_num_threads(), device)
+    summary["reuse_memory"] = args.reuse_memory
+    return summary
 
 
 def cmd_export(args) -> dict:

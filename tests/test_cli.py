@@ -70,7 +70,9 @@ def test_evaluate_prints_metrics_json_last(pipeline_dirs, shared_data, capsys):
 def test_bench_export_report(pipeline_dirs, tmp_path, capsys):
     teacher, comp = pipeline_dirs
     out = run(capsys, "bench", "--model", str(comp), "--baseline", str(teacher),
-              "--batch-size", "2", "--seq-len", "16", "--repeats", "2", "--threads", "1")
+              "--batch-size", "2", "--seq-len", "16", "--repeats", "2", "--threads", "1",
+              "--reuse-memory")
+    assert out["reuse_memory"] is True
     for key in ("latency_ms", "baseline_latency_ms", "speedup", "params", "baseline_params",
                 "checkpoint_bytes", "baseline_checkpoint_bytes", "peak_memory_mb"):
         assert key in out

@@ -253,3 +253,63 @@ def test_cuda_matches_cpu():
     for strategy in STRATEGIES:
         y = _run(module_cuda, x.cuda(), strategy)
         torch.testing.assert_close(y.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_kernels_share_scratch_without_clobbering_outputs():
+    """Gathered inputs and pre-scatter outputs live in per-thread scratch on the CPU: an
+    output handed back must survive the next module's call, in and out of inference mode."""
+    torch.manual_seed(0)
+    a = GroupedLinear(12, 18, 3, [0, 2], torch.randperm(12), torch.randperm(18))
+    b = GroupedLinear(18, 12, 2, [1], torch.randperm(18), torch.randperm(12))
+    a.requires_grad_(False)
+    b.requires_grad_(False)
+    x = torch.randn(300, 12)  # "bands" for a, "batched" for b
+    with torch.no_grad():
+        expect_a = x @ a.to_dense()[0].T + a.to_dense()[1]
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            ya = a(x)
+            yb = b(ya)
+            yb2 = b(torch.randn(7, 18))  # smaller: scratch views of the grown buffers
+            torch.testing.assert_close(ya, expect_a, atol=1e-5, rtol=1e-5)
+            wb, bb = b.to_dense()
+            torch.testing.assert_close(yb, ya @ wb.T + bb, atol=1e-5, rtol=1e-5)
+            assert yb2.shape == (7, 12)
+    assert ya.data_ptr() != yb.data_ptr()
+
+
+def test_keep_freed_memory_cuts_page_faults_of_a_grouped_ffn():
+    """Three FFN blocks of MiniLM width at 4,096 tokens, timed after a warm-up, each setting
+    in a fresh interpreter (the allocator setting is process-wide): with freed memory kept
+    for reuse, the forwards fault in far fewer fresh pages."""
+    code = """
+import resource, sys, torch
+from pgb.bench import keep_freed_memory
+from pgb.grouped_linear import GroupedLinear
+if sys.argv[1] == "reuse":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+up = GroupedLinear(384, 1536, 2, [0, 1], torch.randperm(384)).requires_grad_(False)
+down = GroupedLinear(1536, 384, 2, [0, 1], None, torch.randperm(384)).requires_grad_(False)
+x = torch.randn(4096, 384)
+def forward():
+    with torch.inference_mode():
+        h = x
+        for _ in range(3):
+            h = torch.nn.functional.layer_norm(h + down(torch.nn.functional.gelu(up(h))), (384,))
+forward()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    forward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+    import subprocess
+    import sys
+
+    faults = {}
+    for setting in ("default", "reuse"):
+        out = subprocess.run([sys.executable, "-c", code, setting], capture_output=True,
+                             text=True, check=True)
+        faults[setting] = int(out.stdout.split()[-1])
+    # measured: 66,000-100,000 by default, 1,500-4,600 with reuse
+    assert faults["reuse"] * 5 < faults["default"], faults
