@@ -5,11 +5,15 @@ the re-finetuning loss on the first 8 training batches in eval mode and in train
 one-shot solution.
 
 Usage: python benchmarks/design/brittle.py TASK SPARSITY '{"damping": 0.1}' ['{...}' ...]
+Extra key: "noisy_compensation": true runs the student's hidden dropout during
+compensation (its calibration activations carry dropout noise; the teacher's targets do
+not).
 """
 
 import json
 import sys
 
+import noisy
 import torch
 
 from pgb.config import CompressConfig
@@ -26,7 +30,9 @@ data = TaskData(task, tok, "../shared/data", None, 128, max_samples=4000)
 with open(f"runs/teachers/{sys.argv[1]}/metrics.json") as f:
     data.teacher_metrics = json.load(f)["metrics"]
 for spec in sys.argv[3:]:
-    cfg = CompressConfig(sparsity=sparsity, refinetune=False, **json.loads(spec))
+    fields = json.loads(spec)
+    noisy.use(fields.pop("noisy_compensation", False))
+    cfg = CompressConfig(sparsity=sparsity, refinetune=False, **fields)
     result = run_method(teacher, tok, task, cfg, data, progress=False)
     student, tcfg = result.model, CompressConfig(sparsity=sparsity).train_config()
     batches = data.epoch_batches(tcfg.batch_size, tcfg.seed)(0)[:8]

@@ -5,7 +5,8 @@ gradient norm before clipping, and the share of it on the grouped (compact) weig
 
 Usage: python benchmarks/design/rft_diag.py TASK SPARSITY '{"method": "pgb"}' ['{...}' ...]
 Extra keys besides CompressConfig fields: "steps" (default: one epoch), "dropout" (the
-student's dropout probability during re-finetuning; default: the model's own).
+student's dropout probability during re-finetuning; default: the model's own),
+"noisy_compensation" (see noisy.py).
 """
 
 import json
@@ -13,6 +14,7 @@ import math
 import sys
 import time
 
+import noisy
 import torch
 
 from pgb.config import CompressConfig
@@ -50,6 +52,7 @@ for spec in sys.argv[3:]:
     fields = json.loads(spec)
     steps_wanted = fields.pop("steps", None)
     dropout = fields.pop("dropout", None)
+    noisy.use(fields.pop("noisy_compensation", False))
     cfg = CompressConfig(sparsity=sparsity, refinetune=False, **fields)
     result = run_method(teacher, tok, task, cfg, data, progress=False)
     student, before = result.model, result.report["metrics"]
