@@ -15,20 +15,14 @@ import sys
 
 import noisy
 import torch
+from common import teacher_and_data
 
 from pgb.config import CompressConfig
 from pgb.finetune import _step, set_seed
-from pgb.modeling import load_task_model
 from pgb.pipeline import run_method
-from pgb.taskdata import TaskData
-from pgb.tasks import get_task
 
-task, sparsity = get_task(sys.argv[1]), float(sys.argv[2])
-teacher, tok, _ = load_task_model(f"runs/teachers/{sys.argv[1]}", task)
-teacher.eval()
-data = TaskData(task, tok, "../shared/data", None, 128, max_samples=4000)
-with open(f"runs/teachers/{sys.argv[1]}/metrics.json") as f:
-    data.teacher_metrics = json.load(f)["metrics"]
+task, teacher, tok, data = teacher_and_data(sys.argv[1])
+sparsity = float(sys.argv[2])
 for spec in sys.argv[3:]:
     fields = json.loads(spec)
     noisy.use(fields.pop("noisy_compensation", False))

@@ -16,22 +16,16 @@ import time
 
 import noisy
 import torch
+from common import teacher_and_data
 
 from pgb.config import CompressConfig
 from pgb.finetune import _optimizer, _schedule, _step, set_seed, total_steps
 from pgb.grouped_linear import GroupedLinear
-from pgb.modeling import load_task_model
 from pgb.pipeline import dev_metrics, run_method
-from pgb.taskdata import TaskData
-from pgb.tasks import get_task
 
 LOG = 10
-task, sparsity = get_task(sys.argv[1]), float(sys.argv[2])
-teacher, tok, _ = load_task_model(f"runs/teachers/{sys.argv[1]}", task)
-teacher.eval()
-data = TaskData(task, tok, "../shared/data", None, 128, max_samples=4000)
-with open(f"runs/teachers/{sys.argv[1]}/metrics.json") as f:
-    data.teacher_metrics = json.load(f)["metrics"]
+task, teacher, tok, data = teacher_and_data(sys.argv[1])
+sparsity = float(sys.argv[2])
 
 
 def grad_norms(model):
