@@ -276,6 +276,13 @@ def test_fast_kernels_share_scratch_without_clobbering_outputs():
             torch.testing.assert_close(yb, ya @ wb.T + bb, atol=1e-5, rtol=1e-5)
             assert yb2.shape == (7, 12)
     assert ya.data_ptr() != yb.data_ptr()
+    from pgb.grouped_linear import _SCRATCH, release_scratch
+
+    assert _SCRATCH.buffers  # the fast kernels did use the scratch
+    release_scratch()
+    assert "buffers" not in _SCRATCH.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), expect_a, atol=1e-5, rtol=1e-5)  # rebuilt
 
 
 def test_keep_freed_memory_cuts_page_faults_of_a_grouped_ffn():
