@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from speed import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SEQ = 32, 128
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"folder": folder, "reuse_memory": reuse,
                          **json.loads(run.stdout.strip().splitlines()[-1])})
             print(json.dumps(rows[-1]), flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_model()
     meta = {"command": " ".join(["python", *sys.argv]), "cpu": cpu, "threads": args.threads,
             "batch": BATCH, "seq": SEQ}
     out = ROOT / "benchmarks" / "results" / "page_faults.json"
