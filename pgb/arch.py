@@ -50,6 +50,12 @@ class ArchSpec:
     ffn_act: str  # the FFN activation module, between ``ffn_in`` and ``ffn_out``
     attn_core: str  # replaced by a constant when the whole attention sublayer is dropped
     attn_out_in_core: bool  # True when ``attn_out`` lives inside ``attn_core``
+    # the LayerNorm closing each sublayer (post-norm: LN(residual + branch)), in the layer
+    attn_norm: str = "attention.output.LayerNorm"
+    ffn_norm: str = "output.LayerNorm"
+    # the LayerNorm of the embeddings; an ``embeddings_project`` linear, where the model
+    # has one (ELECTRA with embedding_size != hidden_size), follows it
+    embed_norm: str = "embeddings.LayerNorm"
     hidden_attr: str = "hidden_size"
     heads_attr: str = "num_attention_heads"
     intermediate_attr: str = "intermediate_size"
@@ -89,6 +95,7 @@ ARCHS: dict[str, ArchSpec] = {
         attn_out="attention.out_lin", ffn_in="ffn.lin1", ffn_out="ffn.lin2",
         ffn_act="ffn.activation",
         attn_core="attention", attn_out_in_core=True,
+        attn_norm="sa_layer_norm", ffn_norm="output_layer_norm",
         hidden_attr="dim", heads_attr="n_heads", intermediate_attr="hidden_dim",
         layers_attr="n_layers", core_head_attrs=("n_heads",), core_width_attrs=(),
     ),
@@ -98,6 +105,7 @@ ARCHS: dict[str, ArchSpec] = {
         attn_out="attention.attn.o", ffn_in="intermediate.dense", ffn_out="output.dense",
         ffn_act="intermediate.intermediate_act_fn",
         attn_core="attention.attn", attn_out_in_core=True, fixed_head_order=True,
+        attn_norm="attention.LayerNorm",
     ),
 }
 

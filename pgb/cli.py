@@ -57,6 +57,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")
     p.add_argument("--no-permutation", action="store_true", help="ablation: contiguous blocks")
     p.add_argument("--uniform-groups", action="store_true", help="ablation: one G everywhere")
+    p.add_argument("--shared-order", action="store_true",
+                   help="one hidden-size permutation per sublayer: fewer run-time gathers, "
+                        "less grouping freedom")
     p.add_argument("--no-drop", action="store_true", help="never drop a whole sublayer")
     p.add_argument("--no-compensation", action="store_true")
     p.add_argument("--no-refinetune", action="store_true")

@@ -135,7 +135,8 @@ def compress_config(args) -> CompressConfig:
     return CompressConfig(
         sparsity=args.sparsity, method=args.method, calib_samples=args.calib_samples,
         importance=args.importance, permute=not args.no_permutation,
-        uniform_groups=args.uniform_groups, allow_drop=not args.no_drop,
+        uniform_groups=args.uniform_groups, shared_order=args.shared_order,
+        allow_drop=not args.no_drop,
         max_groups=args.max_groups, compensate=not args.no_compensation,
         refinetune=not args.no_refinetune, distill=not args.no_distill,
         refinetune_epochs=args.refinetune_epochs, refinetune_steps=args.refinetune_steps,

@@ -74,6 +74,10 @@ class CompressConfig(_Base):
     normalize: str = _help("importance scale across matrices: 'mean' (each matrix averages "
                            "1, so only its shape matters) or 'none' (raw scores)", "mean")
     permute: bool = _help("search permutations (False: contiguous blocks)", True)
+    shared_order: bool = _help("one hidden-size permutation per sublayer, shared by its "
+                               "matrices, so the compact model keeps the residual stream "
+                               "in that order (2 gathers per layer instead of 6; less "
+                               "freedom in the grouping)", False)
     uniform_groups: bool = _help("same G everywhere, G = 1 / (1 - sparsity)", False)
     allow_drop: bool = _help("allow dropping whole sublayers", True)
     allocation: str = _help("allocator objective: 'log' (sum of size x log retained "

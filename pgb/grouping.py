@@ -142,11 +142,15 @@ class _Inner:
 
 def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | None = None,
                     fixed_head_order: bool = False, iters: int = 10,
-                    permute: bool = True, tol: float = 1e-4) -> Grouping:
+                    permute: bool = True, tol: float = 1e-4,
+                    shared_outer: bool = False) -> Grouping:
     """Group one sublayer's matrices into ``groups`` blocks sharing the inner partition.
 
     scores: role -> importance oriented (inner, outer). heads: number of attention heads
     (None for the FFN). permute=False keeps contiguous blocks (the no-permutation ablation).
+    shared_outer=True gives every matrix the same outer (hidden-size) partition, chosen
+    for their summed importance: the compact model can then run the sublayer on a
+    residual stream kept in that order, with no gather or scatter inside it.
     The sweeps stop when one gains less than ``tol`` (relative).
     """
     mats = list(scores)
@@ -158,8 +162,7 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     out_band = {m: np.arange(h) // (h // groups) for m in mats}
     best = -np.inf
     for _ in range(iters if permute and groups > 1 else 0):
-        out_band = {m: balanced_assign(_band_sum(scores[m], in_band, groups).T, h // groups)
-                    for m in mats}
+        out_band = _outer_bands(scores, in_band, groups, shared_outer)
         gain = sum(_outer_fold(scores[m], out_band[m], groups) for m in mats)  # (n, G)
         new_band = inner.assign(gain)
         value, current = (gain[np.arange(n), b].sum() for b in (new_band, in_band))
@@ -169,9 +172,20 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
             break
         best, in_band = value, new_band
     if permute and groups > 1:  # the outer side, re-optimised for the final inner bands
-        out_band = {m: balanced_assign(_band_sum(scores[m], in_band, groups).T, h // groups)
-                    for m in mats}
+        out_band = _outer_bands(scores, in_band, groups, shared_outer)
     return _finish(scores, groups, inner, in_band, out_band)
+
+
+def _outer_bands(scores: dict[str, np.ndarray], in_band: np.ndarray, groups: int,
+                 shared: bool) -> dict[str, np.ndarray]:
+    """Best outer band per hidden index of each matrix (one partition for all if shared)."""
+    h = next(iter(scores.values())).shape[1]
+    if shared:
+        band = balanced_assign(sum(_band_sum(s, in_band, groups) for s in scores.values()).T,
+                               h // groups)
+        return dict.fromkeys(scores, band)
+    return {m: balanced_assign(_band_sum(s, in_band, groups).T, h // groups)
+            for m, s in scores.items()}
 
 
 def _onehot(band: np.ndarray, groups: int) -> np.ndarray:

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ def search_groupings(scores: dict[str, torch.Tensor], model: nn.Module, cfg: Com
         heads = dims.heads if kind == "attn" else None
         out[(layer, kind)] = {g: search_sublayer(sc, g, heads=heads,
                                                  fixed_head_order=spec.fixed_head_order,
-                                                 iters=cfg.search_iters, permute=cfg.permute)
+                                                 iters=cfg.search_iters, permute=cfg.permute,
+                                                 shared_outer=cfg.shared_order)
                               for g in cands}
     return out
 
@@ -98,6 +100,9 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
                           uniform=cfg.uniform_g() if cfg.uniform_groups else None,
                           allow_drop=cfg.allow_drop and not cfg.uniform_groups,
                           objective=cfg.allocation)
+        if cfg.shared_order:  # the compact model keeps the residual stream permuted
+            recipe = dataclasses.replace(recipe, meta={**recipe.meta, "shared_order": True})
+            recipe.validate()
     student = copy.deepcopy(teacher)
     with clock("compensation"):
         apply_masks(student, recipe)

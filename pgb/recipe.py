@@ -138,6 +138,11 @@ class Recipe:
             raise ValueError(f"recipe covers sublayers {sorted(seen)}, expected {sorted(want)}")
         for p in self.sublayers:
             _validate_plan(p, d)
+            perms = {m.outer_perm for m in p.matrices.values()}
+            if self.meta.get("shared_order") and p.groups > 1 and len(perms) > 1:
+                raise ValueError(f"layer {p.layer} {p.kind}: a shared_order recipe needs one "
+                                 "outer_perm for all matrices of a sublayer; compress with "
+                                 "shared_order=True (--shared-order) to produce one")
 
 
 def _validate_plan(p: SublayerPlan, d: Dims) -> None:

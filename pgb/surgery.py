@@ -9,6 +9,16 @@ side gathers (query/key/value/ffn_in inputs) or scatters (attn_out/ffn_out outpu
 Dropped sublayers cost nothing: the attention core is replaced by ``DroppedAttention``
 and the branch output by its bias (``ConstantOutput``).
 
+Shared order (recipes made with ``shared_order``, ``recipe.meta["shared_order"]``): the
+matrices of a sublayer share one hidden-side permutation, so the residual stream itself is
+kept in that order through the sublayer (``stream_orders``). The hidden side of its
+matrices is then folded into the weights too, and the only gathers left are one per change
+of order, done by the LayerNorm that closes the previous sublayer (``OrderedLayerNorm``,
+a LayerNorm is equivariant under permutation): at most 2 per layer plus one back to the
+original order after the last layer, instead of 6 per layer. Hidden states between layers
+(``output_hidden_states``) are then in the compact model's internal order
+(``hidden_state_orders``); the encoder output and the logits are not.
+
 ``densify`` rebuilds the masked dense twin (plain ``nn.Linear`` everywhere, original index
 order): the reference the compact model must match.
 """
@@ -16,9 +26,10 @@ order): the reference the compact model must match.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .arch import INNER_IS_ROWS, encoder, get_arch, get_matrix, set_module
+from .arch import INNER_IS_ROWS, SUBLAYERS, encoder, get_arch, get_matrix, set_module
 from .grouped_linear import GroupedLinear
 from .recipe import Recipe, SublayerPlan
 
@@ -59,39 +70,167 @@ class DroppedAttention(nn.Module):
         return self.out(hidden_states), None
 
 
+class OrderedLayerNorm(nn.Module):
+    """A LayerNorm on a residual stream held in permuted order, handing its output on in
+    the next sublayer's order.
+
+    ``order``: the stream arrives as ``x[..., j] = x_original[..., order[j]]`` (None: the
+    original order); the affine parameters are stored in that order. ``gather``: the output
+    is ``y[..., gather]`` (None: no gather). Same parameter names as ``nn.LayerNorm``.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, order: torch.Tensor | None,
+                 gather: torch.Tensor | None):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        take = (lambda t: t.detach().clone()) if order is None else \
+            (lambda t: t.detach()[order.to(t.device)].clone())
+        self.weight = None if norm.weight is None else nn.Parameter(take(norm.weight))
+        self.bias = None if norm.bias is None else nn.Parameter(take(norm.bias))
+        device = next(norm.parameters(), torch.empty(0)).device
+        for name, idx in (("order", order), ("gather", gather)):
+            self.register_buffer(name, None if idx is None else idx.to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self.gather is None:
+            return y
+        return y.reshape(-1, y.shape[-1]).index_select(1, self.gather).view(y.shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, permuted={self.order is not None}, "
+                f"gather={self.gather is not None}")
+
+
+Key = tuple[int, str]
+
+
+def _units(recipe: Recipe) -> list[Key]:
+    """The sublayers in the order the residual stream passes them."""
+    return [(layer, kind) for layer in range(recipe.dims.layers) for kind in SUBLAYERS]
+
+
+def stream_orders(recipe: Recipe) -> dict[Key, torch.Tensor | None]:
+    """The residual stream's order inside each sublayer (None: the original order).
+
+    Only ``shared_order`` recipes reorder the stream: a sublayer with G > 1 runs in its
+    shared outer permutation; a dense (G = 1) or dropped one keeps the order it receives,
+    since any order suits it.
+    """
+    plans = {(p.layer, p.kind): p for p in recipe.sublayers}
+    orders: dict[Key, torch.Tensor | None] = {}
+    current = None
+    for key in _units(recipe):
+        plan = plans[key]
+        if recipe.meta.get("shared_order") and plan.groups > 1 and not plan.dropped:
+            perm = torch.tensor(next(iter(plan.matrices.values())).outer_perm)
+            current = None if _is_identity(perm) else perm
+        orders[key] = current
+    return orders
+
+
+def hidden_state_orders(model: nn.Module) -> list[torch.Tensor | None]:
+    """Order of each of ``output_hidden_states`` (embeddings, then every layer) of a
+    compact model: ``hidden[..., j]`` is the original model's ``hidden[..., order[j]]``.
+    None everywhere for models that keep the original order."""
+    recipe: Recipe = model.pgb_recipe
+    orders = stream_orders(recipe)
+    n = recipe.dims.layers
+    return [orders[(layer, "attn")] for layer in range(n)] + [None]
+
+
+def _transition(src: torch.Tensor | None, dst: torch.Tensor | None) -> torch.Tensor | None:
+    """Index that turns a stream in order ``src`` into order ``dst`` (None: no change)."""
+    if src is None and dst is None:
+        return None
+    n = len(src if src is not None else dst)
+    pos = torch.arange(n) if src is None else torch.argsort(src)
+    idx = pos if dst is None else pos[dst]
+    return None if _is_identity(idx) else idx
+
+
+def _reorder_stream(model: nn.Module, recipe: Recipe,
+                    orders: dict[Key, torch.Tensor | None]) -> None:
+    """Swap the sublayers' closing LayerNorms (and the embeddings' exit) for ordered ones."""
+    spec, enc = get_arch(model), encoder(model)
+    units = _units(recipe)
+    first = orders[units[0]]
+    project = getattr(enc, "embeddings_project", None)
+    if project is not None:  # ELECTRA: the stream starts at this linear's output
+        if first is not None:
+            project.weight.copy_(project.weight[first.to(project.weight.device)])
+            project.bias.copy_(project.bias[first.to(project.bias.device)])
+    else:
+        norm = enc.get_submodule(spec.embed_norm)
+        set_module(enc, spec.embed_norm, OrderedLayerNorm(norm, None, first))
+    for i, (layer, kind) in enumerate(units):
+        nxt = orders[units[i + 1]] if i + 1 < len(units) else None
+        path = f"{spec.layers}.{layer}.{spec.attn_norm if kind == 'attn' else spec.ffn_norm}"
+        norm = enc.get_submodule(path)
+        set_module(enc, path, OrderedLayerNorm(norm, orders[(layer, kind)],
+                                               _transition(orders[(layer, kind)], nxt)))
+
+
 def _is_identity(perm: torch.Tensor) -> bool:
-    return bool(torch.equal(perm, torch.arange(len(perm))))
+    return bool(torch.equal(perm.cpu(), torch.arange(len(perm))))
 
 
-def _grouped(linear: nn.Linear, plan: SublayerPlan, role: str) -> nn.Module:
+def _grouped(linear: nn.Linear, plan: SublayerPlan, role: str, shared: bool = False,
+             order: torch.Tensor | None = None) -> nn.Module:
+    """The compact form of one matrix. ``shared``: a shared-order recipe, whose stream runs
+    in ``order`` here (None: original order); the hidden side is folded into the weight
+    (no gather, no scatter)."""
     rows, cols = plan.bands(role)
     kept = plan.matrices[role].kept
-    if plan.groups == 1 and kept and _is_identity(rows) and _is_identity(cols):
-        return linear  # dense and unpermuted: the fastest kernel is nn.Linear itself
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
     inner_rows = INNER_IS_ROWS[role]
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else weight.new_zeros(len(rows))
+    if shared:
+        # hidden side in stream coordinates: W[:, order] for readers, W[order] for writers
+        pos = torch.arange(len(cols if inner_rows else rows))
+        if order is not None:
+            pos = torch.argsort(order)
+            if inner_rows:
+                weight = weight[:, order.to(weight.device)]
+            else:
+                weight, bias = weight[order.to(weight.device)], bias[order.to(bias.device)]
+        if inner_rows:
+            cols = pos[cols] if plan.groups > 1 else torch.arange(len(cols))
+        else:
+            rows = pos[rows] if plan.groups > 1 else torch.arange(len(rows))
+    if plan.groups == 1 and kept and _is_identity(rows) and _is_identity(cols):
+        # dense and unpermuted: the fastest kernel is nn.Linear itself
+        if weight is not linear.weight.detach():
+            linear.weight.copy_(weight)
+            if linear.bias is not None:
+                linear.bias.copy_(bias)
+        return linear
     return GroupedLinear.from_dense(
-        linear.weight.detach(), bias.detach(), plan.groups, list(kept), rows, cols,
+        weight, bias, plan.groups, list(kept), rows, cols,
         gather_input=inner_rows and not _is_identity(cols),
         scatter_output=not inner_rows and not _is_identity(rows))
 
 
-def _drop(model: nn.Module, plan: SublayerPlan) -> None:
+def _drop(model: nn.Module, plan: SublayerPlan, order: torch.Tensor | None = None) -> None:
     spec, enc = get_arch(model), encoder(model)
     layer = f"{spec.layers}.{plan.layer}"
     if plan.kind == "ffn":
         out = get_matrix(model, plan.layer, "ffn_out")
         set_module(enc, f"{layer}.{spec.ffn_in}", EmptyOutput())
-        set_module(enc, f"{layer}.{spec.ffn_out}", ConstantOutput(out.out_features,
-                                                                  out.bias.detach()))
+        set_module(enc, f"{layer}.{spec.ffn_out}", ConstantOutput(
+            out.out_features, _in_order(out.bias.detach(), order)))
         return
     out = get_matrix(model, plan.layer, "attn_out")
-    const = ConstantOutput(out.bias.shape[0], out.bias.detach())
+    const = ConstantOutput(out.bias.shape[0], _in_order(out.bias.detach(), order))
     if spec.attn_out_in_core:
         set_module(enc, f"{layer}.{spec.attn_core}", DroppedAttention(const))
     else:
         set_module(enc, f"{layer}.{spec.attn_core}", DroppedAttention())
         set_module(enc, f"{layer}.{spec.attn_out}", const)
+
+
+def _in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return t if order is None else t[order.to(t.device)]
 
 
 def to_compact(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -101,15 +240,20 @@ def to_compact(model: nn.Module, recipe: Recipe) -> nn.Module:
     unmasked original give the same compact model. Returns ``model``.
     """
     spec = get_arch(model)
+    shared = bool(recipe.meta.get("shared_order"))
+    orders = stream_orders(recipe)
     with torch.no_grad():
         for plan in recipe.sublayers:
+            order = orders[(plan.layer, plan.kind)]
             if plan.dropped:
-                _drop(model, plan)
+                _drop(model, plan, order)
                 continue
             for role in plan.matrices:
                 path = spec.matrix_path(plan.layer, role)
                 set_module(encoder(model), path, _grouped(get_matrix(model, plan.layer, role),
-                                                          plan, role))
+                                                          plan, role, shared, order))
+        if shared:
+            _reorder_stream(model, recipe, orders)
     model.pgb_recipe = recipe
     return model
 
@@ -131,13 +275,47 @@ def densify(model: nn.Module) -> nn.Module:
         for name, tensor in dense.state_dict().items():
             if name in source and source[name].shape == tensor.shape:
                 tensor.copy_(source[name])
+        orders = stream_orders(recipe)
         for plan in recipe.sublayers:
+            order = orders[(plan.layer, plan.kind)]
             for role in plan.matrices:
                 weight, bias = _dense_of(model, plan, role)
+                if order is not None:  # the hidden side back to the original order
+                    weight, bias = _unorder(weight, bias, role, order)
                 target = get_matrix(dense, plan.layer, role)
                 target.weight.copy_(weight)
                 target.bias.copy_(bias)
+        for name, module in model.named_modules():
+            if isinstance(module, OrderedLayerNorm):
+                norm = dense.get_submodule(name)
+                for attr in ("weight", "bias"):
+                    if getattr(module, attr) is not None:
+                        getattr(norm, attr).copy_(_unorder_vector(getattr(module, attr),
+                                                                  module.order))
+        first = orders[_units(recipe)[0]]
+        project = getattr(encoder(model), "embeddings_project", None)
+        if project is not None and first is not None:
+            target = encoder(dense).embeddings_project
+            target.weight.copy_(_unorder_vector(project.weight, first))
+            target.bias.copy_(_unorder_vector(project.bias, first))
     return dense
+
+
+def _unorder_vector(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Undo ``t[order]`` along dim 0."""
+    if order is None:
+        return t.detach().clone()
+    out = torch.empty_like(t)
+    out[order.to(t.device)] = t.detach()
+    return out
+
+
+def _unorder(weight: torch.Tensor, bias: torch.Tensor, role: str,
+             order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matrix's (weight, bias) with its hidden side from stream order back to original."""
+    if INNER_IS_ROWS[role]:  # reads the stream: columns
+        return _unorder_vector(weight.T, order).T, bias
+    return _unorder_vector(weight, order), _unorder_vector(bias, order)
 
 
 def _dense_of(model: nn.Module, plan: SublayerPlan, role: str) -> tuple[torch.Tensor, ...]:

@@ -13,9 +13,9 @@ from pgb.outputs import atomic_folder, check_output
 from pgb.surgery import to_compact
 
 
-def saved(tmp_path, family="bert", sparsity=0.6, weak=("1.attn",)):
+def saved(tmp_path, family="bert", sparsity=0.6, weak=("1.attn",), **cfg):
     model = tiny_model(family)
-    recipe = make_recipe(model, sparsity, weak=weak)
+    recipe = make_recipe(model, sparsity, weak=weak, **cfg)
     compact = to_compact(copy.deepcopy(model), recipe)
     folder = tmp_path / f"{family}-compact"
     folder.mkdir()
@@ -24,12 +24,14 @@ def saved(tmp_path, family="bert", sparsity=0.6, weak=("1.attn",)):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_save_load_gives_identical_logits(tmp_path, family):
-    _, compact, folder = saved(tmp_path, family)
+@pytest.mark.parametrize("shared_order", [False, True])
+def test_save_load_gives_identical_logits(tmp_path, family, shared_order):
+    _, compact, folder = saved(tmp_path, family, shared_order=shared_order)
     loaded = load(folder)
     batch = tiny_batch()
     assert torch.equal(logits(loaded, batch), logits(compact, batch))
     assert loaded.pgb_recipe.to_json() == compact.pgb_recipe.to_json()
+    assert loaded.pgb_recipe.meta.get("shared_order", False) is shared_order
 
 
 def test_checkpoint_is_physically_smaller(tmp_path):
@@ -109,3 +111,12 @@ def test_atomic_folder_replaces_only_on_success(tmp_path):
     with atomic_folder(out, overwrite=True) as tmp:
         (tmp / "new").write_text("x")
     assert sorted(p.name for p in out.iterdir()) == ["new"]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_shared_order_model_exports_to_onnx(tmp_path, family):
+    from pgb.export import export_onnx, verify_onnx
+
+    _, compact, _ = saved(tmp_path, family, shared_order=True)
+    path = export_onnx(compact, tmp_path / "model.onnx")
+    assert verify_onnx(compact, path) <= 1e-4

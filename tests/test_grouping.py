@@ -38,6 +38,32 @@ def test_planted_blocks_are_recovered_exactly_after_shuffling(n, h, G):
         assert blocks_of(g, role, n, h) == truth
 
 
+@pytest.mark.parametrize("n,h,G", [(36, 12, 3), (96, 24, 8)])
+def test_shared_outer_recovers_planted_blocks_sharing_one_hidden_order(n, h, G):
+    rng = np.random.default_rng(n)
+    s1, s2 = planted(rng, n, h, G), planted(rng, n, h, G)
+    p_in, p_out = rng.permutation(n), rng.permutation(h)  # one hidden order for both
+    scores = {"ffn_in": s1[p_in][:, p_out], "ffn_out": s2[p_in][:, p_out]}
+    g = search_sublayer(scores, G, shared_outer=True)
+    assert np.array_equal(g.outer_perms["ffn_in"], g.outer_perms["ffn_out"])
+    inv_in, inv_out = np.argsort(p_in), np.argsort(p_out)
+    truth = {(frozenset(inv_in[b * n // G:(b + 1) * n // G]),
+              frozenset(inv_out[b * h // G:(b + 1) * h // G])) for b in range(G)}
+    assert blocks_of(g, "ffn_in", n, h) == truth == blocks_of(g, "ffn_out", n, h)
+
+
+def test_shared_outer_retains_at_most_what_free_orders_retain():
+    rng = np.random.default_rng(5)
+    for G in (2, 4):
+        scores = {r: rng.random((24, 24)) ** 4 for r in ("query", "key", "value", "attn_out")}
+        free, shared = (search_sublayer(scores, G, heads=6, shared_outer=s) for s in (0, 1))
+        assert len({tuple(p) for p in shared.outer_perms.values()}) == 1
+        assert len({tuple(p) for p in free.outer_perms.values()}) > 1
+        assert shared.retained() <= free.retained() + 1e-9
+        assert shared.retained() >= search_sublayer(scores, G, heads=6,
+                                                    permute=False).retained() - 1e-9
+
+
 def test_permutations_valid_and_scores_consistent():
     rng = np.random.default_rng(1)
     scores = {"query": rng.random((24, 24)), "attn_out": rng.random((24, 24))}

@@ -1,6 +1,7 @@
 """Surgery equivalences: compact == masked dense; permute-only is exact; densify; drops."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,14 +14,25 @@ from pgb.config import CompressConfig
 from pgb.grouped_linear import GroupedLinear
 from pgb.pipeline import search_groupings
 from pgb.recipe import MatrixPlan, Recipe, SublayerPlan
-from pgb.surgery import ConstantOutput, DroppedAttention, densify, to_compact
+from pgb.surgery import (
+    ConstantOutput,
+    DroppedAttention,
+    OrderedLayerNorm,
+    densify,
+    hidden_state_orders,
+    to_compact,
+)
 
 
 def make_recipe(model, sparsity, weak=(), seed=0, **cfg):
     scores = random_scores(model, seed=seed, weak=weak)
     groupings = search_groupings(scores, model, CompressConfig(sparsity=sparsity, **cfg),
                                  progress=False)
-    return allocate(groupings, dims_of(model), model.config.model_type, sparsity)
+    recipe = allocate(groupings, dims_of(model), model.config.model_type, sparsity)
+    if cfg.get("shared_order"):  # as pgb.pipeline.compress marks it
+        recipe = dataclasses.replace(recipe, meta={"shared_order": True})
+        recipe.validate()
+    return recipe
 
 
 def logits(model, batch):
@@ -42,6 +54,67 @@ def test_compact_equals_masked_dense(family, sparsity):
     assert torch.allclose(logits(densify(compact), batch), ref, atol=1e-5)
     # the weights outside kept blocks play no part: the unmasked original compacts the same
     assert torch.allclose(logits(to_compact(copy.deepcopy(model), recipe), batch), ref, atol=1e-5)
+
+
+def gathers(model) -> int:
+    """Run-time gathers and scatters of a compact model: index maps of grouped layers and
+    order changes of the residual stream."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, GroupedLinear):
+            n += (module.in_index is not None) + (module.out_index is not None)
+        if isinstance(module, OrderedLayerNorm):
+            n += module.gather is not None
+    return n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_shared_order_compact_equals_masked_dense_with_few_gathers(family, sparsity):
+    model = tiny_model(family)
+    recipe = make_recipe(model, sparsity, weak=("1.attn",), shared_order=True)
+    plain = make_recipe(model, sparsity, weak=("1.attn",))
+    masked = copy.deepcopy(model)
+    apply_masks(masked, recipe)
+    compact = to_compact(copy.deepcopy(masked), recipe)
+    batch = tiny_batch()
+    ref = logits(masked, batch)
+    torch.testing.assert_close(logits(compact, batch), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(densify(compact), batch), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(to_compact(copy.deepcopy(model), recipe), batch), ref,
+                               atol=1e-5, rtol=1e-5)
+    # no grouped layer gathers or scatters; at most one order change per sublayer + 1
+    assert all(m.in_index is None and m.out_index is None for m in compact.modules()
+               if isinstance(m, GroupedLinear))
+    layers = dims_of(model).layers
+    assert 0 < gathers(compact) <= 2 * layers + 1
+    assert gathers(to_compact(copy.deepcopy(model), plain)) > gathers(compact)
+
+
+@pytest.mark.parametrize("family", ["bert", "electra", "distilbert"])
+def test_shared_order_hidden_states_map_back_to_the_masked_dense_ones(family):
+    model = tiny_model(family)
+    recipe = make_recipe(model, 0.6, shared_order=True)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, recipe)
+    compact = to_compact(copy.deepcopy(masked), recipe)
+    batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
+    with torch.no_grad():
+        ours = compact(**batch, output_hidden_states=True).hidden_states
+        ref = masked(**batch, output_hidden_states=True).hidden_states
+    orders = hidden_state_orders(compact)
+    assert len(orders) == len(ref) and orders[-1] is None
+    assert any(o is not None for o in orders)  # the stream really runs permuted
+    for h, r, order in zip(ours, ref, orders, strict=True):
+        torch.testing.assert_close(h, r if order is None else r[..., order],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_order_recipe_needs_one_outer_order_per_sublayer():
+    model = tiny_model("bert")
+    recipe = make_recipe(model, 0.5)  # per-matrix orders
+    with pytest.raises(ValueError, match="shared_order"):
+        dataclasses.replace(recipe, meta={"shared_order": True}).validate()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -123,7 +196,8 @@ def test_densify_needs_a_compact_model():
         densify(tiny_model("bert"))
 
 
-def test_training_the_compact_model_equals_training_the_masked_dense_one():
+@pytest.mark.parametrize("shared_order", [False, True])
+def test_training_the_compact_model_equals_training_the_masked_dense_one(shared_order):
     """Re-finetuning runs on the compact model; it must follow, step by step, the masked
     dense model trained with its pruned weights held at zero (same AdamW, weight decay,
     dropout masks and clipping as pgb's own re-finetuning)."""
@@ -131,7 +205,7 @@ def test_training_the_compact_model_equals_training_the_masked_dense_one():
     from pgb.finetune import _optimizer, _update
 
     model = tiny_model("bert")
-    recipe = make_recipe(model, 0.6, weak=("1.attn",))
+    recipe = make_recipe(model, 0.6, weak=("1.attn",), shared_order=shared_order)
     masked = copy.deepcopy(model)
     apply_masks(masked, recipe)
     compact = to_compact(copy.deepcopy(masked), recipe)
