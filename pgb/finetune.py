@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .config import TrainConfig
+from .surgery import hidden_state_orders
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,9 @@ def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = Tru
                             output_hidden_states=hidden)
         kd = kd_loss(out, t_out, cfg.kd_temperature)
         if hidden:
-            kd = kd + cfg.kd_hidden * hidden_loss(out.hidden_states, t_out.hidden_states,
+            t_hidden = _in_student_order(getattr(runner, "module", runner),
+                                         t_out.hidden_states)
+            kd = kd + cfg.kd_hidden * hidden_loss(out.hidden_states, t_hidden,
                                                   batch.get("attention_mask"))
         loss = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * loss
     if not torch.isfinite(loss):
@@ -167,6 +170,16 @@ def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = Tru
     if backward:
         loss.backward()
     return float(loss.detach())
+
+
+def _in_student_order(student: nn.Module, teacher_hidden: tuple) -> tuple:
+    """The teacher's hidden states in the order the student's stream runs in (a compact
+    shared-order model keeps it permuted between layers)."""
+    if getattr(student, "pgb_recipe", None) is None:
+        return teacher_hidden
+    orders = hidden_state_orders(student)
+    return tuple(t if o is None else t.index_select(-1, o.to(t.device))
+                 for t, o in zip(teacher_hidden, orders, strict=True))
 
 
 def hidden_loss(student: tuple, teacher: tuple, mask: torch.Tensor | None) -> torch.Tensor:

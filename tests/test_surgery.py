@@ -110,6 +110,22 @@ def test_shared_order_hidden_states_map_back_to_the_masked_dense_ones(family):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_hidden_distillation_loss_is_the_same_for_a_shared_order_compact_model():
+    from pgb.config import TrainConfig
+    from pgb.finetune import _step
+
+    teacher = tiny_model("bert")
+    recipe = make_recipe(teacher, 0.6, shared_order=True)
+    masked = copy.deepcopy(teacher)
+    apply_masks(masked, recipe)
+    compact = to_compact(copy.deepcopy(masked), recipe)
+    cfg = TrainConfig(kd_hidden=1.0)
+    losses = [_step(m.eval(), teacher, tiny_batch(), cfg, "cpu", backward=False)
+              for m in (compact, masked)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert losses[1] > 0
+
+
 def test_a_shared_order_recipe_needs_one_outer_order_per_sublayer():
     model = tiny_model("bert")
     recipe = make_recipe(model, 0.5)  # per-matrix orders
