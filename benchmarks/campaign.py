@@ -45,10 +45,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pgb-noperm": ("pgb", ("--no-permutation",)),
     "pgb-uniform": ("pgb", ("--uniform-groups",)),
     "pgb-nocomp": ("pgb", ("--no-compensation",)),
+    "pgb-shared": ("pgb", ("--shared-order",)),
     "structured": ("structured", ("--method", "structured")),
     "magnitude": ("magnitude", ("--method", "magnitude")),
 }
-ORDER = ("structured", "magnitude", "pgb", "pgb-noperm", "pgb-uniform", "pgb-nocomp")
+ORDER = ("structured", "magnitude", "pgb", "pgb-shared", "pgb-noperm", "pgb-uniform",
+         "pgb-nocomp")
 DEFAULT_TEACHERS = ROOT / "runs" / "teachers"  # where benchmarks/teachers.sh writes
 # report.json fields kept in the result JSON ("matrices" is large and stays in the run folder)
 REPORT_KEYS = ("method", "target_sparsity", "achieved_sparsity", "params_before",

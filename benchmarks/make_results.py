@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("pgb", "pgb-noperm", "pgb-uniform", "pgb-nocomp", "structured", "magnitude")
+ORDER = ("pgb", "pgb-shared", "pgb-noperm", "pgb-uniform", "pgb-nocomp", "structured",
+         "magnitude")
 BASELINES = ("structured", "magnitude")
 PRUNE_STAGES = ("importance", "grouping", "compensation")  # "prune + compensate" time
 NA = "–"
