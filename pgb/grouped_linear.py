@@ -191,6 +191,7 @@ class GroupedLinear(nn.Module):
         # (one run in the common all-kept case). kept run (k0, k1) holds weight[j0:j1].
         self._kept_runs = [(self._kept.index(k0), k0, k1) for k0, k1 in _runs(self._kept)]
         self._dropped_runs = _runs([k for k in range(self.groups) if k not in kept_set])
+        self._all_kept = len(self._kept) == self.groups
         if self.in_index is not None:
             _as_index(self.in_index, self.in_features, "in_index")
         if self.out_index is not None:
@@ -323,8 +324,11 @@ class GroupedLinear(nn.Module):
         (N, out), when given)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
         y = xb.new_empty(n, self.out_features) if y is None else y
-        xv = xb.unflatten(1, (g, self.ib)).transpose(0, 1)  # (G, N, ib), a strided view
+        xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
         yv = y.view(n, g, ob).transpose(0, 1)  # (G, N, ob), a strided view of y
+        if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
+            torch.bmm(xv, self.weight, out=yv)
+            return y if self.bias is None else y.add_(self.bias)
         for j0, k0, k1 in self._kept_runs:
             # out= a strided view: CPU BLAS writes each block in place (ldc = out)
             torch.bmm(xv[k0:k1], self.weight[j0:j0 + k1 - k0], out=yv[k0:k1])
@@ -337,9 +341,16 @@ class GroupedLinear(nn.Module):
         ``y``, (N, out), when given)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
         y = xb.new_empty(n, self.out_features) if y is None else y
-        xv = xb.unflatten(1, (g, self.ib)).transpose(0, 1)  # (G, N, ib), a strided view
+        xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
         yv = y.view(n, g, ob)  # (N, G, ob)
         bias = None if self.bias is None else self.bias.view(g, ob)
+        if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
+            yk = torch.bmm(xv, self.weight).transpose(0, 1)  # (N, G, ob)
+            if bias is None:
+                yv.copy_(yk)
+            else:
+                torch.add(yk, bias, out=yv)
+            return y
         for j0, k0, k1 in self._kept_runs:
             yk = torch.bmm(xv[k0:k1], self.weight[j0:j0 + k1 - k0])  # (run, N, ob)
             yk = yk.transpose(0, 1)  # (N, run, ob)
