@@ -85,6 +85,26 @@ def test_bench_export_report(pipeline_dirs, tmp_path, capsys):
     assert (comp / "report.png").read_bytes()[:4] == b"\x89PNG" and rep["report_png"]
 
 
+def test_compress_with_shared_order_round_trips(pipeline_dirs, shared_data, tmp_path):
+    import torch
+
+    import pgb
+
+    teacher, _ = pipeline_dirs
+    out = tmp_path / "shared"
+    assert main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
+                 str(shared_data), "--out", str(out), "--sparsity", "0.75",
+                 "--calib-samples", "32", "--no-refinetune", "--shared-order"]) == 0
+    assert json.loads((out / "recipe.json").read_text())["meta"] == {"shared_order": True}
+    assert json.loads((out / "report.json").read_text())["config"]["shared_order"] is True
+    model = pgb.load(out)
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 9)),
+             "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, pgb.densify(model)(**batch).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_existing_output_is_refused(pipeline_dirs, shared_data, capsys):
     teacher, comp = pipeline_dirs
     before = sorted(p.name for p in comp.iterdir())
