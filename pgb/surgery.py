@@ -186,21 +186,20 @@ def _grouped(linear: nn.Linear, plan: SublayerPlan, role: str, shared: bool = Fa
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else weight.new_zeros(len(rows))
     if shared:
-        # hidden side in stream coordinates: W[:, order] for readers, W[order] for writers
-        pos = torch.arange(len(cols if inner_rows else rows))
+        # the hidden side in stream coordinates: W[:, order] for readers, W[order] for
+        # writers; one block (G = 1) covers every hidden index, in any order
+        hidden = cols if inner_rows else rows
+        if plan.groups == 1:
+            hidden = torch.arange(len(hidden))
+        elif order is not None:
+            hidden = torch.argsort(order)[hidden]
         if order is not None:
-            pos = torch.argsort(order)
-            if inner_rows:
-                weight = weight[:, order.to(weight.device)]
-            else:
-                weight, bias = weight[order.to(weight.device)], bias[order.to(bias.device)]
-        if inner_rows:
-            cols = pos[cols] if plan.groups > 1 else torch.arange(len(cols))
-        else:
-            rows = pos[rows] if plan.groups > 1 else torch.arange(len(rows))
+            idx = order.to(weight.device)
+            weight, bias = (weight[:, idx], bias) if inner_rows else (weight[idx], bias[idx])
+        rows, cols = (rows, hidden) if inner_rows else (hidden, cols)
     if plan.groups == 1 and kept and _is_identity(rows) and _is_identity(cols):
         # dense and unpermuted: the fastest kernel is nn.Linear itself
-        if weight is not linear.weight.detach():
+        if order is not None:  # its weights in stream order
             linear.weight.copy_(weight)
             if linear.bias is not None:
                 linear.bias.copy_(bias)

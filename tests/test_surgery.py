@@ -40,20 +40,27 @@ def logits(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("sparsity", [0.5, 0.8])
-def test_compact_equals_masked_dense(family, sparsity):
-    model = tiny_model(family)
-    recipe = make_recipe(model, sparsity, weak=("1.attn",))
+def compacted(model, sparsity, **cfg):
+    """(recipe, masked dense model, its compact form) for ``model`` at ``sparsity``."""
+    recipe = make_recipe(model, sparsity, weak=("1.attn",), **cfg)
     masked = copy.deepcopy(model)
     apply_masks(masked, recipe)
-    compact = to_compact(copy.deepcopy(masked), recipe)
+    return recipe, masked, to_compact(copy.deepcopy(masked), recipe)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+@pytest.mark.parametrize("shared_order", [False, True])
+def test_compact_equals_masked_dense(family, sparsity, shared_order):
+    model = tiny_model(family)
+    recipe, masked, compact = compacted(model, sparsity, shared_order=shared_order)
     batch = tiny_batch()
     ref = logits(masked, batch)
-    assert torch.allclose(logits(compact, batch), ref, atol=1e-5)
-    assert torch.allclose(logits(densify(compact), batch), ref, atol=1e-5)
+    torch.testing.assert_close(logits(compact, batch), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(densify(compact), batch), ref, atol=1e-5, rtol=1e-5)
     # the weights outside kept blocks play no part: the unmasked original compacts the same
-    assert torch.allclose(logits(to_compact(copy.deepcopy(model), recipe), batch), ref, atol=1e-5)
+    torch.testing.assert_close(logits(to_compact(copy.deepcopy(model), recipe), batch), ref,
+                               atol=1e-5, rtol=1e-5)
 
 
 def gathers(model) -> int:
@@ -69,35 +76,19 @@ def gathers(model) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("sparsity", [0.5, 0.8])
-def test_shared_order_compact_equals_masked_dense_with_few_gathers(family, sparsity):
+def test_shared_order_leaves_few_gathers(family):
     model = tiny_model(family)
-    recipe = make_recipe(model, sparsity, weak=("1.attn",), shared_order=True)
-    plain = make_recipe(model, sparsity, weak=("1.attn",))
-    masked = copy.deepcopy(model)
-    apply_masks(masked, recipe)
-    compact = to_compact(copy.deepcopy(masked), recipe)
-    batch = tiny_batch()
-    ref = logits(masked, batch)
-    torch.testing.assert_close(logits(compact, batch), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits(densify(compact), batch), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits(to_compact(copy.deepcopy(model), recipe), batch), ref,
-                               atol=1e-5, rtol=1e-5)
+    _, _, compact = compacted(model, 0.8, shared_order=True)
     # no grouped layer gathers or scatters; at most one order change per sublayer + 1
     assert all(m.in_index is None and m.out_index is None for m in compact.modules()
                if isinstance(m, GroupedLinear))
-    layers = dims_of(model).layers
-    assert 0 < gathers(compact) <= 2 * layers + 1
-    assert gathers(to_compact(copy.deepcopy(model), plain)) > gathers(compact)
+    assert 0 < gathers(compact) <= 2 * dims_of(model).layers + 1
+    assert gathers(compacted(model, 0.8)[2]) > gathers(compact)
 
 
 @pytest.mark.parametrize("family", ["bert", "electra", "distilbert"])
 def test_shared_order_hidden_states_map_back_to_the_masked_dense_ones(family):
-    model = tiny_model(family)
-    recipe = make_recipe(model, 0.6, shared_order=True)
-    masked = copy.deepcopy(model)
-    apply_masks(masked, recipe)
-    compact = to_compact(copy.deepcopy(masked), recipe)
+    _, masked, compact = compacted(tiny_model(family), 0.6, shared_order=True)
     batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
     with torch.no_grad():
         ours = compact(**batch, output_hidden_states=True).hidden_states
@@ -115,10 +106,7 @@ def test_hidden_distillation_loss_is_the_same_for_a_shared_order_compact_model()
     from pgb.finetune import _step
 
     teacher = tiny_model("bert")
-    recipe = make_recipe(teacher, 0.6, shared_order=True)
-    masked = copy.deepcopy(teacher)
-    apply_masks(masked, recipe)
-    compact = to_compact(copy.deepcopy(masked), recipe)
+    _, masked, compact = compacted(teacher, 0.6, shared_order=True)
     cfg = TrainConfig(kd_hidden=1.0)
     losses = [_step(m.eval(), teacher, tiny_batch(), cfg, "cpu", backward=False)
               for m in (compact, masked)]
@@ -221,10 +209,7 @@ def test_training_the_compact_model_equals_training_the_masked_dense_one(shared_
     from pgb.finetune import _optimizer, _update
 
     model = tiny_model("bert")
-    recipe = make_recipe(model, 0.6, weak=("1.attn",), shared_order=shared_order)
-    masked = copy.deepcopy(model)
-    apply_masks(masked, recipe)
-    compact = to_compact(copy.deepcopy(masked), recipe)
+    recipe, masked, compact = compacted(model, 0.6, shared_order=shared_order)
     masks = {get_matrix(masked, p.layer, r).weight: p.mask(r) for p in recipe.sublayers
              if not p.dropped for r in p.matrices}
     cfg = TrainConfig(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0)
