@@ -228,6 +228,18 @@ def _drop(model: nn.Module, plan: SublayerPlan, order: torch.Tensor | None = Non
         set_module(enc, f"{layer}.{spec.attn_out}", const)
 
 
+def count_gathers(model: nn.Module) -> int:
+    """Column gathers and scatters one forward of a compact model pays: index maps of its
+    grouped layers and order changes of its residual stream."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, GroupedLinear):
+            n += (module.in_index is not None) + (module.out_index is not None)
+        elif isinstance(module, OrderedLayerNorm):
+            n += module.gather is not None
+    return n
+
+
 def _in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     return t if order is None else t[order.to(t.device)]
 

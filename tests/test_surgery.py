@@ -17,7 +17,7 @@ from pgb.recipe import MatrixPlan, Recipe, SublayerPlan
 from pgb.surgery import (
     ConstantOutput,
     DroppedAttention,
-    OrderedLayerNorm,
+    count_gathers,
     densify,
     hidden_state_orders,
     to_compact,
@@ -63,18 +63,6 @@ def test_compact_equals_masked_dense(family, sparsity, shared_order):
                                atol=1e-5, rtol=1e-5)
 
 
-def gathers(model) -> int:
-    """Run-time gathers and scatters of a compact model: index maps of grouped layers and
-    order changes of the residual stream."""
-    n = 0
-    for module in model.modules():
-        if isinstance(module, GroupedLinear):
-            n += (module.in_index is not None) + (module.out_index is not None)
-        if isinstance(module, OrderedLayerNorm):
-            n += module.gather is not None
-    return n
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_order_leaves_few_gathers(family):
     model = tiny_model(family)
@@ -82,8 +70,8 @@ def test_shared_order_leaves_few_gathers(family):
     # no grouped layer gathers or scatters; at most one order change per sublayer + 1
     assert all(m.in_index is None and m.out_index is None for m in compact.modules()
                if isinstance(m, GroupedLinear))
-    assert 0 < gathers(compact) <= 2 * dims_of(model).layers + 1
-    assert gathers(compacted(model, 0.8)[2]) > gathers(compact)
+    assert 0 < count_gathers(compact) <= 2 * dims_of(model).layers + 1
+    assert count_gathers(compacted(model, 0.8)[2]) > count_gathers(compact)
 
 
 @pytest.mark.parametrize("family", ["bert", "electra", "distilbert"])
