@@ -83,10 +83,9 @@ class OrderedLayerNorm(nn.Module):
                  gather: torch.Tensor | None):
         super().__init__()
         self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
-        take = (lambda t: t.detach().clone()) if order is None else \
-            (lambda t: t.detach()[order.to(t.device)].clone())
-        self.weight = None if norm.weight is None else nn.Parameter(take(norm.weight))
-        self.bias = None if norm.bias is None else nn.Parameter(take(norm.bias))
+        self.weight, self.bias = (
+            None if t is None else nn.Parameter(_in_order(t.detach(), order).clone())
+            for t in (norm.weight, norm.bias))
         device = next(norm.parameters(), torch.empty(0)).device
         for name, idx in (("order", order), ("gather", gather)):
             self.register_buffer(name, None if idx is None else idx.to(device), persistent=False)
@@ -158,8 +157,8 @@ def _reorder_stream(model: nn.Module, recipe: Recipe,
     project = getattr(enc, "embeddings_project", None)
     if project is not None:  # ELECTRA: the stream starts at this linear's output
         if first is not None:
-            project.weight.copy_(project.weight[first.to(project.weight.device)])
-            project.bias.copy_(project.bias[first.to(project.bias.device)])
+            project.weight.copy_(_in_order(project.weight, first))
+            project.bias.copy_(_in_order(project.bias, first))
     else:
         norm = enc.get_submodule(spec.embed_norm)
         set_module(enc, spec.embed_norm, OrderedLayerNorm(norm, None, first))
@@ -193,9 +192,10 @@ def _grouped(linear: nn.Linear, plan: SublayerPlan, role: str, shared: bool = Fa
             hidden = torch.arange(len(hidden))
         elif order is not None:
             hidden = torch.argsort(order)[hidden]
-        if order is not None:
-            idx = order.to(weight.device)
-            weight, bias = (weight[:, idx], bias) if inner_rows else (weight[idx], bias[idx])
+        if inner_rows:
+            weight = _in_order(weight.T, order).T
+        else:
+            weight, bias = _in_order(weight, order), _in_order(bias, order)
         rows, cols = (rows, hidden) if inner_rows else (hidden, cols)
     if plan.groups == 1 and kept and _is_identity(rows) and _is_identity(cols):
         # dense and unpermuted: the fastest kernel is nn.Linear itself
