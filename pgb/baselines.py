@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from . import __version__
 from .arch import MATRICES, SUBLAYERS, dims_of, get_matrix
+from .checkpoint import round_embeddings
 from .config import CompressConfig
 from .flops import count_params, flops
 from .pipeline import CompressResult, _Clock, add_metrics, dev_metrics, refinetune
@@ -64,6 +65,7 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
             if evaluate_models and cfg.refinetune else None
         with clock("refinetune"):
             info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
+    round_embeddings(student, cfg.embedding_dtype)  # before evaluation: metrics as saved
     report = {
         "method": cfg.method, "target_sparsity": cfg.sparsity, **report,
         "params_before": count_params(teacher), "params_after": count_params(student),

@@ -4,6 +4,12 @@ A compact pgb folder holds ``config.json`` (the transformers config, with ``pgb_
 ``recipe.json`` (kept blocks and permutations), ``model.safetensors`` (only kept blocks,
 index maps and the dense non-encoder tensors), ``pgb.json`` (format and version) and the
 tokenizer. ``load`` rebuilds the model from these alone: no teacher, no re-pruning.
+
+The token-embedding table stays dense and, in float32, is half of a MiniLM-L6 checkpoint
+(30,522 x 384 of 22.7 M parameters). ``round_embeddings(model, "float16")`` rounds it to
+float16 values and marks the config (``pgb_embedding_dtype``), so the folder stores it in
+two bytes per value; loading casts it back to float32, computation stays float32, and the
+loaded model equals the saved one exactly.
 """
 
 from __future__ import annotations
@@ -20,12 +26,41 @@ from transformers import AutoConfig
 
 from . import __version__
 from .arch import dims_of
+from .config import EMBEDDING_DTYPES
 from .recipe import Recipe
 from .surgery import to_compact
 
 log = logging.getLogger(__name__)
 FORMAT = "pgb-compact"
 WEIGHTS = "model.safetensors"
+
+
+def round_embeddings(model: nn.Module, dtype: str) -> None:
+    """Round the token-embedding table to ``dtype`` values (in place, kept in float32) and
+    record ``dtype`` in the config, so the checkpoint stores the table in that precision."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"unknown embedding dtype {dtype!r}; choose one of {EMBEDDING_DTYPES}")
+    if dtype == "float32":
+        return
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight.copy_(weight.to(getattr(torch, dtype)).to(weight.dtype))
+    model.config.pgb_embedding_dtype = dtype
+
+
+def weights_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as written to model.safetensors: on the CPU, untied, with the
+    token-embedding table in the config's ``pgb_embedding_dtype`` (float32 by default)."""
+    state = model.state_dict(keep_vars=True)
+    dtype = getattr(model.config, "pgb_embedding_dtype", "float32")
+    embedding = model.get_input_embeddings().weight
+    out = {}
+    for name, value in state.items():
+        value = value.detach().contiguous().cpu()
+        if dtype != "float32" and state[name] is embedding:
+            value = value.to(getattr(torch, dtype))
+        out[name] = value
+    return _unshare(out)
 
 
 def save_compact(model: nn.Module, tokenizer, folder: str | Path) -> None:
@@ -35,8 +70,7 @@ def save_compact(model: nn.Module, tokenizer, folder: str | Path) -> None:
     model.config.architectures = [type(model).__name__]  # what load() instantiates
     model.config.save_pretrained(folder)
     recipe.save(folder / "recipe.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_unshare(state), str(folder / WEIGHTS), metadata={"format": FORMAT})
+    save_file(weights_state(model), str(folder / WEIGHTS), metadata={"format": FORMAT})
     (folder / "pgb.json").write_text(json.dumps({"format": FORMAT, "pgb_version": __version__,
                                                  "torch": torch.__version__,
                                                  "transformers": transformers.__version__}))

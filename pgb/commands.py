@@ -141,7 +141,8 @@ def compress_config(args) -> CompressConfig:
         refinetune=not args.no_refinetune, distill=not args.no_distill,
         refinetune_epochs=args.refinetune_epochs, refinetune_steps=args.refinetune_steps,
         refinetune_lr=args.refinetune_lr, max_train_samples=args.max_train_samples,
-        seed=args.seed, checkpoint_every=args.checkpoint_every)
+        seed=args.seed, checkpoint_every=args.checkpoint_every,
+        embedding_dtype=args.embedding_dtype)
 
 
 def cmd_compress(args) -> dict:

@@ -60,6 +60,7 @@ class TrainConfig(_Base):
 
 IMPORTANCE = ("fisher", "magnitude", "activation")
 METHODS = ("pgb", "magnitude", "structured")
+EMBEDDING_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ class CompressConfig(_Base):
     batch_size: int = _help("re-finetuning batch size", 32)
     seed: int = _help("seed of sampling, search and training", 0)
     checkpoint_every: int = _help("re-finetuning steps between resumable checkpoints", 100)
+    embedding_dtype: str = _help(f"precision the token-embedding table is rounded to and "
+                                 f"stored in, one of {EMBEDDING_DTYPES} (float16 halves the "
+                                 f"largest dense tensor; computation stays float32)",
+                                 "float32")
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -123,6 +128,13 @@ class CompressConfig(_Base):
             raise ValueError(f"max_groups must be >= 1, got {self.max_groups}")
         if self.refinetune_steps is not None and self.refinetune_steps < 1:
             raise ValueError(f"refinetune_steps must be >= 1, got {self.refinetune_steps}")
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"unknown embedding_dtype {self.embedding_dtype!r}; choose one of "
+                             f"{EMBEDDING_DTYPES}")
+        if self.method == "magnitude" and self.embedding_dtype != "float32":
+            raise ValueError(f"embedding_dtype {self.embedding_dtype!r} needs a pgb or "
+                             "structured checkpoint; the magnitude baseline writes a plain "
+                             "float32 transformers folder (use --embedding-dtype float32)")
         if self.refinetune_epochs <= 0:
             raise ValueError(f"refinetune_epochs must be > 0, got {self.refinetune_epochs}")
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import allocate, retained_importance
 from .arch import SUBLAYERS, dims_of, get_arch
+from .checkpoint import round_embeddings
 from .compensate import apply_masks, compensate
 from .config import CompressConfig
 from .distributed import is_main
@@ -117,6 +118,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         if evaluate_models and cfg.refinetune else None
     with clock("refinetune"):
         train_info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
+    round_embeddings(student, cfg.embedding_dtype)  # before evaluation: metrics as saved
     report = {
         "method": "pgb", "target_sparsity": cfg.sparsity,
         "achieved_sparsity": recipe.sparsity(),

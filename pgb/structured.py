@@ -46,7 +46,7 @@ from transformers import AutoConfig
 
 from . import __version__
 from .arch import Dims, dims_of, encoder, get_arch, get_matrix, layer_module, set_module
-from .checkpoint import WEIGHTS, _unshare
+from .checkpoint import WEIGHTS, weights_state
 from .compensate import _advance, _call, _hidden, _layer0_inputs, _Stop
 from .surgery import DroppedAttention, _drop
 
@@ -463,8 +463,7 @@ def save_structured(model: nn.Module, tokenizer, folder: str | Path) -> None:
         model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     (folder / STRUCTURE).write_text(json.dumps(model.pgb_structure.to_json()))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_unshare(state), str(folder / WEIGHTS), metadata={"format": FORMAT})
+    save_file(weights_state(model), str(folder / WEIGHTS), metadata={"format": FORMAT})
     (folder / "pgb.json").write_text(json.dumps({
         "format": FORMAT, "pgb_version": __version__, "torch": torch.__version__,
         "transformers": transformers.__version__}))

@@ -138,11 +138,14 @@ def test_magnitude_result_loads_with_plain_transformers(tmp_path):
 # ---------------------------------------------------------------- structured
 
 
-@pytest.mark.parametrize("compensate", [True, False])
-def test_structured_end_to_end(compensate, tmp_path):
+@pytest.mark.parametrize("compensate,embedding_dtype", [(True, "float32"), (False, "float16")])
+def test_structured_end_to_end(compensate, embedding_dtype, tmp_path):
     teacher = tiny_model("bert")
     before = copy.deepcopy(teacher.state_dict())
-    result = run("structured", teacher, sparsity=0.5, compensate=compensate)
+    result = run("structured", teacher, sparsity=0.5, compensate=compensate,
+                 embedding_dtype=embedding_dtype)
+    table = result.model.get_input_embeddings().weight
+    assert torch.equal(table, table.to(getattr(torch, embedding_dtype)).float())
     report = result.report
     assert REPORT_KEYS <= set(report)
     assert set(report["stage_seconds"]) == {"importance", "grouping", "compensation",

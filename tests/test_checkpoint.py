@@ -120,3 +120,49 @@ def test_shared_order_model_exports_to_onnx(tmp_path, family):
     _, compact, _ = saved(tmp_path, family, shared_order=True)
     path = export_onnx(compact, tmp_path / "model.onnx")
     assert verify_onnx(compact, path) <= 1e-4
+
+
+@pytest.mark.parametrize("family,dtype", [("bert", "float16"), ("distilbert", "bfloat16"),
+                                          ("electra", "float16")])
+def test_half_precision_embeddings_are_stored_small_and_reload_exactly(tmp_path, family, dtype):
+    from safetensors import safe_open
+
+    from pgb.checkpoint import round_embeddings
+
+    model, compact, folder = saved(tmp_path, family)
+    full = (folder / "model.safetensors").stat().st_size
+    before = compact.get_input_embeddings().weight.detach().clone()
+    round_embeddings(compact, dtype)
+    after = compact.get_input_embeddings().weight
+    assert after.dtype == torch.float32 and not torch.equal(after, before)
+    assert torch.equal(after, after.to(getattr(torch, dtype)).float())  # representable
+    half = tmp_path / "half"
+    half.mkdir()
+    save_compact(compact, None, half)
+    name = next(n for n, p in compact.named_parameters() if p is after)
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(name).dtype == getattr(torch, dtype)
+    saved_bytes = full - (half / "model.safetensors").stat().st_size
+    assert saved_bytes == after.numel() * 2  # two of four bytes per value, nothing else
+    loaded = load(half)
+    assert loaded.get_input_embeddings().weight.dtype == torch.float32
+    batch = tiny_batch()
+    assert torch.equal(logits(loaded, batch), logits(compact, batch))
+    assert not torch.equal(logits(loaded, batch), logits(model, batch))
+    again = tmp_path / "again"  # a reloaded model keeps its storage precision
+    again.mkdir()
+    save_compact(loaded, None, again)
+    size = (half / "model.safetensors").stat().st_size
+    assert (again / "model.safetensors").stat().st_size == size
+
+
+def test_unknown_embedding_dtype_is_refused():
+    from pgb.checkpoint import round_embeddings
+    from pgb.config import CompressConfig
+
+    with pytest.raises(ValueError, match="'int8'"):
+        round_embeddings(tiny_model("bert"), "int8")
+    with pytest.raises(ValueError, match="'float8'"):
+        CompressConfig(embedding_dtype="float8")
+    with pytest.raises(ValueError, match="magnitude baseline"):
+        CompressConfig(method="magnitude", embedding_dtype="float16")

@@ -94,10 +94,14 @@ def test_compress_with_shared_order_round_trips(pipeline_dirs, shared_data, tmp_
     out = tmp_path / "shared"
     assert main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
                  str(shared_data), "--out", str(out), "--sparsity", "0.75",
-                 "--calib-samples", "32", "--no-refinetune", "--shared-order"]) == 0
+                 "--calib-samples", "32", "--no-refinetune", "--shared-order",
+                 "--embedding-dtype", "float16"]) == 0
     assert json.loads((out / "recipe.json").read_text())["meta"] == {"shared_order": True}
+    assert json.loads((out / "config.json").read_text())["pgb_embedding_dtype"] == "float16"
     assert json.loads((out / "report.json").read_text())["config"]["shared_order"] is True
     model = pgb.load(out)
+    table = model.get_input_embeddings().weight
+    assert torch.equal(table, table.half().float())
     batch = {"input_ids": torch.randint(1000, 2000, (2, 9)),
              "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     with torch.no_grad():

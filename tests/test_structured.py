@@ -175,6 +175,18 @@ def test_save_load_identical(family, tmp_path):
     assert torch.equal(logits(loaded, batch), logits(model, batch))
 
 
+def test_save_load_identical_with_float16_embeddings(tmp_path):
+    from pgb.checkpoint import round_embeddings
+
+    model = shrink(tiny_model("bert"), structure_at(tiny_model("bert"), 0.6, seed=2))
+    round_embeddings(model, "float16")
+    save_structured(model, None, tmp_path)
+    loaded = pgb.load(tmp_path)
+    batch = tiny_batch()
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+    assert loaded.config.pgb_embedding_dtype == "float16"
+
+
 def test_corrupt_structure_is_a_clear_error(tmp_path):
     model = shrink(tiny_model("bert"), structure_at(tiny_model("bert"), 0.5))
     save_structured(model, None, tmp_path)
