@@ -48,7 +48,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pgb.grouped_linear import GroupedLinear  # noqa: E402
+from pgb.grouped_linear import STRATEGIES, GroupedLinear  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MINILM = [(384, 1536), (1536, 384), (384, 384)]  # FFN up, FFN down, attention
@@ -168,6 +168,7 @@ def time_pair(dense: nn.Module, grouped: nn.Module, x: torch.Tensor, reps: int,
 def run_case(case: dict, args: argparse.Namespace, meta: dict) -> dict:
     """Measure one case and return its JSON record."""
     dense, grouped = make_layers(case)
+    grouped.strategy = args.strategy
     x = torch.randn(case["tokens"], case["in"])
     with torch.inference_mode():
         err = (grouped(x) - dense(x)).abs().max().item()
@@ -303,6 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 128])
     p.add_argument("--quick", action="store_true", help="G 2/4/8 only, no BERT-base")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="GroupedLinear kernel (default: auto, as in the models)")
     p.add_argument("--max-wait", type=float, default=120.0,
                    help="seconds to wait for an idle machine before each case")
     p.add_argument("--attempts", type=int, default=3,

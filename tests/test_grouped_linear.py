@@ -68,12 +68,29 @@ def test_no_bias(strategy):
 def test_auto_picks_by_tokens_and_shape():
     wide = GroupedLinear(8, 32, 4, [0, 1, 2, 3])
     narrow = GroupedLinear(32, 8, 4, [0, 1, 2, 3])
+    holed = GroupedLinear(8, 32, 4, [0, 2, 3])
+    many = "conv" if torch.backends.mkldnn.is_available() else "bands"
     with torch.no_grad():
         assert wide.pick_strategy(torch.zeros(128, 8)) == "batched"  # few tokens
-        assert wide.pick_strategy(torch.zeros(4096, 8)) == "bands"
+        assert wide.pick_strategy(torch.zeros(4096, 8)) == many
         assert narrow.pick_strategy(torch.zeros(512, 32)) == "batched"  # narrow output
-        assert narrow.pick_strategy(torch.zeros(4096, 32)) == "bands"
+        assert narrow.pick_strategy(torch.zeros(4096, 32)) == many
+        assert holed.pick_strategy(torch.zeros(4096, 8)) == "bands"  # a dropped block
+        holed.strategy = "conv"
+        assert holed.pick_strategy(torch.zeros(4096, 8)) == "bands"
     assert wide.pick_strategy(torch.zeros(4096, 8)) == "reference"  # params need grad
+
+
+def test_conv_writes_no_copy_of_the_output():
+    """The convolution's channels-last result is handed back as an (N, out) view."""
+    module = GroupedLinear(12, 18, 3, [0, 1, 2]).requires_grad_(False)
+    module.strategy = "conv"
+    x = torch.randn(50, 12)
+    with torch.no_grad():
+        y = module(x)
+        w, b = module.to_dense()
+    assert y.is_contiguous() and y.shape == (50, 18)
+    torch.testing.assert_close(y, x @ w.T + b, atol=1e-5, rtol=1e-5)
 
 
 def test_runs_of_consecutive_block_ids():
