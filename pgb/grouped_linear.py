@@ -13,8 +13,10 @@ Kernel strategies (all compute the same function; ``GroupedLinear.strategy``):
   that adds the bias while transposing to (N, G, ob). Best at few tokens.
 - ``"conv"``: a grouped 1x1 convolution (``F.conv2d(..., groups=G)``, oneDNN on the
   CPU) on channels-last views, so input and output need no copy and the bias is fused.
-  All blocks kept only. On the AMD EPYC 2-core machine it beat "bands" by 7-35% from
-  512 tokens up (``benchmarks/results/grouped_linear_conv_epyc.md``).
+  All blocks kept only. On the AMD EPYC 2-core machine, at 4,096 tokens and G = 2..8,
+  it took 1-35% less time than "bands" (``benchmarks/results/grouped_linear_conv_epyc.md``
+  against ``grouped_linear_bands_epyc.md``); at 128 tokens it was slower than "batched"
+  in exploration, so "auto" keeps "batched" there.
 - ``"reference"``: differentiable and exportable ops only. Used whenever autograd needs
   a graph, and under ``torch.onnx.export`` / ``torch.export`` / ``torch.compile``.
 
