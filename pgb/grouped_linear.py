@@ -314,7 +314,8 @@ class GroupedLinear(nn.Module):
         small = SMALL_TOKENS * (2 if self.in_features > self.out_features else 1)
         if xb.shape[0] <= small:
             return "batched"
-        return "conv" if self._all_kept and xb.device.type == "cpu" and _ONEDNN else "bands"
+        onednn = _ONEDNN and torch.backends.mkldnn.enabled  # off: conv2d's slow fallback
+        return "conv" if self._all_kept and xb.device.type == "cpu" and onednn else "bands"
 
     def _forward_reference(self, xb: Tensor) -> Tensor:
         """Differentiable, export-friendly path. (N, in) block order -> (N, out)."""

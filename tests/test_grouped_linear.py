@@ -78,6 +78,8 @@ def test_auto_picks_by_tokens_and_shape():
         assert holed.pick_strategy(torch.zeros(4096, 8)) == "bands"  # a dropped block
         holed.strategy = "conv"
         assert holed.pick_strategy(torch.zeros(4096, 8)) == "bands"
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert wide.pick_strategy(torch.zeros(4096, 8)) == "bands"
     assert wide.pick_strategy(torch.zeros(4096, 8)) == "reference"  # params need grad
 
 
