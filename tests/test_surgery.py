@@ -64,6 +64,23 @@ def test_compact_equals_masked_dense(family, sparsity, shared_order):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shared_order", [False, True])
+def test_compact_equals_masked_dense_with_many_tokens(family, shared_order):
+    """360 tokens: the fast CPU kernels for large inputs ("conv" where every block is
+    kept, "bands" elsewhere) instead of the few-token "batched" one."""
+    model = tiny_model(family)
+    _, masked, compact = compacted(model, 0.5, shared_order=shared_order)
+    batch = tiny_batch(n=6, length=60)
+    tokens = torch.zeros(6 * 60, 1)
+    with torch.no_grad():
+        picked = {m.pick_strategy(tokens.expand(-1, m.in_features))
+                  for m in compact.modules() if isinstance(m, GroupedLinear)}
+    assert picked & {"conv", "bands"}, picked
+    torch.testing.assert_close(logits(compact, batch), logits(masked, batch),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shared_order_leaves_few_gathers(family):
     model = tiny_model(family)
     _, _, compact = compacted(model, 0.8, shared_order=True)
