@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import distributed as dist
+from .config import EMBEDDING_DTYPES
 
 log = logging.getLogger("pgb")
 
@@ -62,7 +63,7 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                         "less grouping freedom")
     p.add_argument("--no-drop", action="store_true", help="never drop a whole sublayer")
     p.add_argument("--embedding-dtype", default="float32",
-                   choices=("float32", "float16", "bfloat16"),
+                   choices=EMBEDDING_DTYPES,
                    help="round and store the token-embedding table in this precision "
                         "(float16: MiniLM-L6 checkpoint 0.33x instead of 0.59x at S = 0.875; "
                         "computation stays float32)")

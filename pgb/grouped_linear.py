@@ -38,8 +38,9 @@ from torch import Tensor, nn
 STRATEGIES = ("auto", "reference", "bands", "batched", "conv")
 
 # "auto" uses "batched" up to this many tokens (twice as many when the output is the
-# narrower side), "bands" above. Measured crossover on 2 threads for MiniLM shapes at
-# G = 2..8: 256-384 tokens for 384->1536 and 384->384, ~512 for 1536->384.
+# narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
+# Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384
+# tokens for 384->1536 and 384->384, ~512 for 1536->384.
 SMALL_TOKENS = 256
 
 
@@ -284,11 +285,12 @@ class GroupedLinear(nn.Module):
             n = x2.shape[0]
             xb = x2 if self.in_index is None else torch.index_select(
                 x2, 1, self.in_index, out=_scratch(0, n, self.in_features, x2))
-            out = None if self.out_index is None or strategy == "conv" else \
-                _scratch(1, n, self.out_features, x2)
-            kernel = {"bands": self._forward_bands, "batched": self._forward_batched,
-                      "conv": self._forward_conv}[strategy]
-            yb = kernel(xb, out)
+            if strategy == "conv":  # allocates its own output, handed back as a view
+                yb = self._forward_conv(xb)
+            else:
+                out = None if self.out_index is None else _scratch(1, n, self.out_features, x2)
+                kernel = self._forward_bands if strategy == "bands" else self._forward_batched
+                yb = kernel(xb, out)
         y = yb if self.out_index is None else yb.index_select(1, self._out_gather)
         return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
@@ -381,18 +383,16 @@ class GroupedLinear(nn.Module):
                 yv[:, k0:k1].copy_(bias[k0:k1].expand(n, k1 - k0, ob))
         return y
 
-    def _forward_conv(self, xb: Tensor, y: Tensor | None = None) -> Tensor:
+    def _forward_conv(self, xb: Tensor) -> Tensor:
         """All blocks kept: a grouped 1x1 convolution over the tokens. (N, in) is viewed as
         a channels-last (1, in, N, 1) image and the (1, out, N, 1) channels-last result
-        as (N, out), so neither side is copied; the bias is added inside. Into ``y`` when
-        given (one copy: the convolution allocates its own output; ``forward`` passes
-        none)."""
+        as (N, out), so neither side is copied; the bias is added inside."""
         n = xb.shape[0]
         weight = self.weight.transpose(1, 2).reshape(self.out_features, self.ib, 1, 1)
         image = xb.view(1, n, 1, self.in_features).permute(0, 3, 1, 2)
         out = F.conv2d(image, weight, self.bias, groups=self.groups)
         yb = out.permute(0, 2, 3, 1).reshape(n, self.out_features)  # a view when channels-last
-        return yb if y is None else y.copy_(yb)
+        return yb
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
