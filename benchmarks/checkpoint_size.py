@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,18 +25,11 @@ def parts(folder: Path) -> dict[str, int]:
     with safe_open(str(folder / WEIGHTS), "pt") as f:
         for name in f.keys():
             t = f.get_slice(name)
-            size = _numel(t.get_shape()) * _itemsize(t.get_dtype())
+            size = math.prod(t.get_shape()) * _itemsize(t.get_dtype())
             key = ("word_embeddings" if "word_embeddings" in name else
                    "encoder_layers" if ".layer." in name else "other")
             out[key] += size
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _itemsize(dtype: str) -> int:

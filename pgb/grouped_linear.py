@@ -391,8 +391,7 @@ class GroupedLinear(nn.Module):
         weight = self.weight.transpose(1, 2).reshape(self.out_features, self.ib, 1, 1)
         image = xb.view(1, n, 1, self.in_features).permute(0, 3, 1, 2)
         out = F.conv2d(image, weight, self.bias, groups=self.groups)
-        yb = out.permute(0, 2, 3, 1).reshape(n, self.out_features)  # a view when channels-last
-        return yb
+        return out.permute(0, 2, 3, 1).reshape(n, self.out_features)  # a channels-last view
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
