@@ -200,9 +200,8 @@ def task_section(task: str, records: list[dict]) -> list[str]:
                          if get(r, "report", "main_metric")), "metric")
     lines = [f"## {task}", ""]
     if ok:
-        teacher = get(ok[0], "report", "teacher_main_value")
         base_ckpt = get(ok[0], "bench", "baseline_checkpoint_bytes")
-        lines += [f"Teacher: {main} = {fmt(teacher)}, params "
+        lines += [f"Teacher: {main} = {teacher_values(ok)}, params "
                   f"{fmt((get(ok[0], 'report', 'params_before') or 0) / 1e6, '.2f')} M, "
                   f"checkpoint {fmt(base_ckpt and base_ckpt / 2**20, '.1f')} MiB.", ""]
     header = ["method", "sparsity", "re-ft", main, "% teacher", "other metrics",
@@ -210,6 +209,21 @@ def task_section(task: str, records: list[dict]) -> list[str]:
               "checkpoint MiB", "prune+comp s", "re-ft s", "dropped sublayers"]
     lines += md_table(header, [task_row(r, main) for r in sorted(records, key=row_key)])
     return lines + ["", *commands_section(sorted(records, key=row_key)), ""]
+
+
+def teacher_values(records: list[dict]) -> str:
+    """The teacher's main metric; when rows were made with different teachers (one
+    fine-tuned again), each value with the sparsities of its rows (% teacher is always
+    against the row's own teacher)."""
+    by_value: dict = defaultdict(set)
+    for r in records:
+        by_value[get(r, "report", "teacher_main_value")].add(r.get("sparsity"))
+    if len(by_value) == 1:
+        return fmt(next(iter(by_value)))
+    parts = [f"{fmt(v)} (rows at S = {', '.join(fmt(s, 'g') for s in sorted(ss, key=float))})"
+             for v, ss in sorted(by_value.items(), key=lambda kv: min(kv[1], key=float))]
+    return (" and ".join(parts) + " (different teachers; each row's % teacher is against "
+            "its own)")
 
 
 def commands_section(records: list[dict]) -> list[str]:

@@ -14,7 +14,9 @@ teacher() {  # task, then extra finetune flags
   fi
   cp "runs/teachers/$task/metrics.json" "benchmarks/results/teachers/$task.json"
 }
-# The committed SST-2, CoLA and SQuAD teachers were trained on one H200 GPU with the same
+# The CoLA teacher (results/teachers/cola.json) was fine-tuned on the 2-core CPU with this
+# script; the committed SST-2 and SQuAD teachers, and the earlier CoLA one
+# (cola_gpu_h200.json), were trained on one H200 GPU with the same
 # flags, launched as `torchrun --standalone --nproc_per_node 1 -m pgb -q finetune ...`
 # (squad: --epochs 2 --batch-size 32, the whole training set), and their dev metrics
 # re-measured here on the CPU with `pgb evaluate` (see "metrics" vs "metrics_gpu" in

@@ -103,6 +103,18 @@ def test_results_md_rows_and_percent_of_teacher(results_dir, tmp_path):
     assert "- **minilm-mrpc-pgb-s0.5-rft** (seed 0): `pgb -q compress --task mrpc" in text
 
 
+def test_rows_with_different_teachers_name_each(results_dir):
+    records = make_results.load_results(results_dir)
+    text = make_results.render(records)
+    assert "Teacher: accuracy = 0.8000, params" in text  # one teacher: one value
+    retrained = result("mrpc", "pgb", 0.875, 0.7, 3.0, teacher=0.82)
+    (results_dir / f"{retrained['name']}.json").write_text(json.dumps(retrained))
+    text = make_results.render(make_results.load_results(results_dir))
+    assert ("Teacher: accuracy = 0.8000 (rows at S = 0.5, 0.75) and 0.8200 (rows at "
+            "S = 0.875) (different teachers") in text
+    assert "| pgb | 0.875 | yes | 0.7000 | 85.4% |" in text  # 0.70 / 0.82, its own teacher
+
+
 def test_pgb_vs_baselines_table(results_dir):
     text = make_results.render(make_results.load_results(results_dir))
     # PGB 0.76 vs structured 0.74 (yes) and magnitude 0.70 (yes); at 0.75 magnitude failed
