@@ -53,10 +53,11 @@ def scaled_optimizer(model, opt, lr, scale):
         mine = [p for p in g["params"] if id(p) in grouped]
         groups.append({"params": [p for p in g["params"] if id(p) not in grouped],
                        "weight_decay": g["weight_decay"]})
-        if mine and scale > 0:
+        if scale == 0:
+            for p in mine:
+                p.requires_grad_(False)
+        elif mine:
             groups.append({"params": mine, "weight_decay": g["weight_decay"], "lr": lr * scale})
-        for p in mine if scale == 0 else ():
-            p.requires_grad_(False)
     return torch.optim.AdamW(groups, lr=lr)
 
 
