@@ -15,7 +15,12 @@ correction), for comparison.
 
 For the rows of one block (all share the kept input set K) a damped least squares with a
 bias column, ``v = T^T X_K (X_K^T X_K + lambda I)^-1`` with ``X_K = [x_K, 1]``, is solved
-from accumulated statistics. Rows outside every kept block keep only a bias, set to the
+from accumulated statistics (``prior="zero"``: ridge, weights shrunk towards 0). With
+``prior="teacher"`` the damping pulls towards the block's own (teacher) weights ``W_0``
+instead, ``v = (T^T X_K + lambda W_0) (X_K^T X_K + lambda I)^-1``: directions the calibration
+inputs barely excite keep the teacher's response instead of losing it (lambda -> infinity
+is no compensation). ``lambda = damping x`` the mean diagonal of ``X_K^T X_K``; the bias
+column is not damped. Rows outside every kept block keep only a bias, set to the
 mean target: this is the bias-only compensation of dropped sublayers.
 
 Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 STEPS = (("attn", ("query", "key", "value"), False), ("attn", ("attn_out",), True),
          ("ffn", ("ffn_in",), False), ("ffn", ("ffn_out",), True))
 TARGETS = ("stream", "local")
+PRIORS = ("zero", "teacher")
 
 
 class _Stop(Exception):
@@ -59,10 +65,13 @@ def apply_masks(model: nn.Module, recipe: Recipe) -> None:
 
 @torch.no_grad()
 def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: Iterable[dict],
-               damping: float = 0.01, progress: bool = True, target: str = "stream") -> None:
+               damping: float = 0.01, progress: bool = True, target: str = "stream",
+               prior: str = "zero") -> None:
     """Refit the masked ``student`` in place so its sublayers match ``teacher`` (see module doc)."""
     if target not in TARGETS:
         raise ValueError(f"compensation target must be one of {TARGETS}, got {target!r}")
+    if prior not in PRIORS:
+        raise ValueError(f"compensation prior must be one of {PRIORS}, got {prior!r}")
     was = student.training, teacher.training
     student.eval()
     teacher.eval()
@@ -79,7 +88,7 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
             stats = _collect(student, teacher, layer, roles, branch, s_inputs, plan, ref)
             all_reduce_sum(*_stat_tensors(stats))  # sums over every rank's shard
             for role in roles:
-                _refit(get_matrix(student, layer, role), stats[role], damping)
+                _refit(get_matrix(student, layer, role), stats[role], damping, prior)
             if roles[-1] == "ffn_out":
                 s_inputs = [_advance(layer_module(student, layer), i) for i in s_inputs]
                 t_inputs, ref = t_next, None
@@ -284,17 +293,23 @@ def _affine(linear: nn.Module) -> torch.Tensor:
     return torch.cat([linear.weight.float(), linear.bias.float().unsqueeze(1)], dim=1)
 
 
-def _refit(linear: nn.Module, st: dict, damping: float) -> None:
-    """Solve each kept block's damped least squares; write weights and biases in place."""
+def _refit(linear: nn.Module, st: dict, damping: float, prior: str = "zero") -> None:
+    """Solve each kept block's damped least squares; write weights and biases in place.
+    ``prior``: what the damping pulls the weights towards, 0 or their current values."""
+    before = linear.weight.detach().double()
     weight = torch.zeros_like(linear.weight, dtype=torch.float64)
     # Rows outside every kept block keep a bias only: the mean target.
     bias = st["tsum"] / st["n"].clamp_min(1)
     for blk in st["blocks"]:
         h = blk["c"].clone()
         diag = h.diagonal()[:-1]  # the weights' diagonal; the bias column is not damped
-        diag += damping * diag.mean().clamp_min(1e-8)
-        v = torch.linalg.solve(h, blk["cross"].T).T  # (rows, |K| + 1)
+        lam = damping * diag.mean().clamp_min(1e-8)
+        diag += lam
         r, k = blk["rows"], blk["cols"][:-1]
+        rhs = blk["cross"].T.clone()  # (|K| + 1, rows)
+        if prior == "teacher":
+            rhs[:-1] += lam * before[r.unsqueeze(1), k.unsqueeze(0)].T
+        v = torch.linalg.solve(h, rhs).T  # (rows, |K| + 1)
         weight[r.unsqueeze(1), k.unsqueeze(0)] = v[:, :-1]
         bias[r] = v[:, -1]
     linear.weight.copy_(weight.to(linear.weight))

@@ -87,6 +87,9 @@ class CompressConfig(_Base):
     search_iters: int = _help("alternating sweeps of the grouping search", 10)
     compensate: bool = _help("least-squares weight compensation after pruning", True)
     damping: float = _help("relative damping of the compensation least squares", 0.01)
+    compensation_prior: str = _help("what the damping pulls compensated weights towards: "
+                                    "'zero' (ridge) or 'teacher' (the pruned matrix's own "
+                                    "weights)", "zero")
     compensation_target: str = _help("'stream': match the teacher on its own stream (corrects "
                                      "drift); 'local': the teacher's layer on the student's "
                                      "input", "stream")
@@ -122,6 +125,9 @@ class CompressConfig(_Base):
         if self.compensation_target not in ("stream", "local"):
             raise ValueError(f"compensation_target must be 'stream' or 'local', got "
                              f"{self.compensation_target!r}")
+        if self.compensation_prior not in ("zero", "teacher"):
+            raise ValueError(f"compensation_prior must be 'zero' or 'teacher', got "
+                             f"{self.compensation_prior!r}")
         if self.calib_samples < 1:
             raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if self.max_groups < 1:

@@ -112,7 +112,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
             by_length = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed,
                                          by_length=True)
             compensate(student, teacher, recipe, by_length, cfg.damping, progress,
-                       cfg.compensation_target)
+                       cfg.compensation_target, cfg.compensation_prior)
     to_compact(student, recipe)
     before = dev_metrics(student, task, tokenizer, data, progress) \
         if evaluate_models and cfg.refinetune else None

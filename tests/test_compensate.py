@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from test_surgery import make_recipe
 from tiny import tiny_batch, tiny_model
@@ -132,3 +133,45 @@ def test_affine_statistics_equal_the_direct_ones():
     for s, d in zip(shared["blocks"], direct["blocks"], strict=True):
         torch.testing.assert_close(s["c"], d["c"])
         torch.testing.assert_close(s["cross"], d["cross"])
+
+
+def test_teacher_prior_interpolates_between_least_squares_and_no_compensation():
+    teacher = tiny_model("bert").double()
+    recipe = make_recipe(teacher, 0.6)
+    masked = copy.deepcopy(teacher)
+    apply_masks(masked, recipe)
+    batches = calib()
+
+    def refit(damping, prior):
+        student = copy.deepcopy(masked)
+        compensate(student, teacher, recipe, batches, damping=damping, progress=False,
+                   prior=prior)
+        return student
+
+    def kept_weights(model):
+        return torch.cat([get_matrix(model, p.layer, r).weight[p.mask(r) > 0]
+                          for p in recipe.sublayers for r in p.matrices])
+
+    # damping -> infinity: the teacher prior keeps the masked teacher's weights (no
+    # compensation), the zero prior shrinks them towards 0
+    stiff = kept_weights(refit(1e9, "teacher"))
+    assert torch.allclose(stiff, kept_weights(masked), atol=1e-6)
+    assert kept_weights(refit(1e9, "zero")).abs().max() < 1e-6
+    # damping -> 0: both priors fit the calibration data equally well; the weights differ
+    # only where the inputs are degenerate (LayerNorm outputs satisfy a linear relation),
+    # where the teacher prior keeps the teacher's component and the zero prior drops it
+    loose_t, loose_z = refit(1e-9, "teacher"), refit(1e-9, "zero")
+    assert torch.allclose(hidden(loose_t, batches), hidden(loose_z, batches), atol=1e-5)
+    assert (kept_weights(loose_t) - kept_weights(loose_z)).abs().max() > 1e-3
+    # in between: a real compensation that differs from both ends
+    mid = kept_weights(refit(1.0, "teacher"))
+    assert (mid - stiff).abs().max() > 1e-3
+    assert (mid - kept_weights(refit(1.0, "zero"))).abs().max() > 1e-3
+
+
+def test_unknown_compensation_prior_is_refused():
+    teacher = tiny_model("bert")
+    recipe = make_recipe(teacher, 0.6)
+    with pytest.raises(ValueError, match="prior"):
+        compensate(copy.deepcopy(teacher), teacher, recipe, calib(1), progress=False,
+                   prior="ones")
