@@ -7,7 +7,9 @@ Usage: python benchmarks/design/rft_diag.py TASK SPARSITY '{"method": "pgb"}' ['
 Extra keys besides CompressConfig fields: "steps" (default: one epoch), "dropout" (the
 student's dropout probability during re-finetuning; default: the model's own),
 "noisy_compensation" (see noisy.py), "grouped_lr_scale" (the grouped weights' learning rate
-as a multiple of the others'; 0 freezes them).
+as a multiple of the others'; 0 freezes them), "augment" (each step also distils, KD only, on
+a copy of the batch with this fraction of its real tokens replaced by [MASK]: matching the
+teacher around the training inputs, not only on them).
 """
 
 import copy
@@ -21,7 +23,7 @@ import torch
 from common import teacher_and_data
 
 from pgb.config import CompressConfig
-from pgb.finetune import _optimizer, _schedule, _step, set_seed, total_steps
+from pgb.finetune import _optimizer, _schedule, _step, kd_loss, set_seed, total_steps
 from pgb.grouped_linear import GroupedLinear
 from pgb.pipeline import dev_metrics, run_method
 
@@ -61,12 +63,37 @@ def scaled_optimizer(model, opt, lr, scale):
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def masked_copy(batch, fraction, generator):
+    """The batch's inputs (no labels) with ``fraction`` of the real, non-special tokens
+    replaced by the tokenizer's mask token."""
+    inputs = {k: v for k, v in batch.items() if not k.endswith(("labels", "positions"))}
+    ids = inputs["input_ids"]
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for t in tok.all_special_ids:
+        special |= ids == t
+    real = inputs["attention_mask"].bool() & ~special
+    pick = real & (torch.rand(ids.shape, generator=generator) < fraction)
+    return {**inputs, "input_ids": ids.masked_fill(pick, tok.mask_token_id)}
+
+
+def augmented_step(student, batch, tcfg, fraction, generator):
+    """The library's step, then a KD-only step on a masked copy of the batch."""
+    loss = _step(student, teacher, batch, tcfg, "cpu")
+    corrupted = masked_copy(batch, fraction, generator)
+    with torch.no_grad():
+        t_out = teacher(**corrupted)
+    (tcfg.kd_alpha * kd_loss(student(**corrupted), t_out, tcfg.kd_temperature)).backward()
+    return loss
+
+
 for spec in sys.argv[3:]:
     fields = json.loads(spec)
     steps_wanted = fields.pop("steps", None)
     dropout = fields.pop("dropout", None)
     noisy.use(fields.pop("noisy_compensation", False))
     grouped_scale = fields.pop("grouped_lr_scale", None)
+    augment = fields.pop("augment", 0.0)
+    gen = torch.Generator().manual_seed(0)
     cfg = CompressConfig(sparsity=sparsity, refinetune=False, **fields)
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in ONE_SHOT:  # the one-shot student is shared by specs that differ in training
@@ -94,7 +121,9 @@ for spec in sys.argv[3:]:
     student.train()
     start, losses = time.perf_counter(), []
     for i in range(steps):
-        losses.append(_step(student, teacher, batches[i % len(batches)], tcfg, "cpu"))
+        batch = batches[i % len(batches)]
+        losses.append(augmented_step(student, batch, tcfg, augment, gen) if augment
+                      else _step(student, teacher, batch, tcfg, "cpu"))
         total, grouped = grad_norms(student)
         torch.nn.utils.clip_grad_norm_(student.parameters(), tcfg.max_grad_norm)
         opt.step()
