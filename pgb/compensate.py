@@ -38,6 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import dims_of, get_matrix, layer_module
+from .config import COMPENSATION_PRIORS as PRIORS
+from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
 from .recipe import Recipe, SublayerPlan
 
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 # (sublayer, matrices refitted together, whether the target is the teacher's whole branch)
 STEPS = (("attn", ("query", "key", "value"), False), ("attn", ("attn_out",), True),
          ("ffn", ("ffn_in",), False), ("ffn", ("ffn_out",), True))
-TARGETS = ("stream", "local")
-PRIORS = ("zero", "teacher")
 
 
 class _Stop(Exception):
@@ -296,7 +296,6 @@ def _affine(linear: nn.Module) -> torch.Tensor:
 def _refit(linear: nn.Module, st: dict, damping: float, prior: str = "zero") -> None:
     """Solve each kept block's damped least squares; write weights and biases in place.
     ``prior``: what the damping pulls the weights towards, 0 or their current values."""
-    before = linear.weight.detach().double()
     weight = torch.zeros_like(linear.weight, dtype=torch.float64)
     # Rows outside every kept block keep a bias only: the mean target.
     bias = st["tsum"] / st["n"].clamp_min(1)
@@ -308,7 +307,7 @@ def _refit(linear: nn.Module, st: dict, damping: float, prior: str = "zero") -> 
         r, k = blk["rows"], blk["cols"][:-1]
         rhs = blk["cross"].T.clone()  # (|K| + 1, rows)
         if prior == "teacher":
-            rhs[:-1] += lam * before[r.unsqueeze(1), k.unsqueeze(0)].T
+            rhs[:-1] += lam * linear.weight[r.unsqueeze(1), k.unsqueeze(0)].double().T
         v = torch.linalg.solve(h, rhs).T  # (rows, |K| + 1)
         weight[r.unsqueeze(1), k.unsqueeze(0)] = v[:, :-1]
         bias[r] = v[:, -1]

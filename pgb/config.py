@@ -61,6 +61,8 @@ class TrainConfig(_Base):
 IMPORTANCE = ("fisher", "magnitude", "activation")
 METHODS = ("pgb", "magnitude", "structured")
 EMBEDDING_DTYPES = ("float32", "float16", "bfloat16")
+COMPENSATION_TARGETS = ("stream", "local")
+COMPENSATION_PRIORS = ("zero", "teacher")
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,11 @@ class CompressConfig(_Base):
             raise ValueError(f"normalize must be 'mean' or 'none', got {self.normalize!r}")
         if self.allocation not in ("log", "linear"):
             raise ValueError(f"allocation must be 'log' or 'linear', got {self.allocation!r}")
-        if self.compensation_target not in ("stream", "local"):
-            raise ValueError(f"compensation_target must be 'stream' or 'local', got "
+        if self.compensation_target not in COMPENSATION_TARGETS:
+            raise ValueError(f"compensation_target must be one of {COMPENSATION_TARGETS}, got "
                              f"{self.compensation_target!r}")
-        if self.compensation_prior not in ("zero", "teacher"):
-            raise ValueError(f"compensation_prior must be 'zero' or 'teacher', got "
+        if self.compensation_prior not in COMPENSATION_PRIORS:
+            raise ValueError(f"compensation_prior must be one of {COMPENSATION_PRIORS}, got "
                              f"{self.compensation_prior!r}")
         if self.calib_samples < 1:
             raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
