@@ -6,7 +6,7 @@ the models are timed in turn (interleaved) with ``pgb.bench``; the JSON goes to
 
 Usage:
     python benchmarks/speed.py --case NAME COMPRESSED TEACHER [STRUCTURED] [--case ...]
-        [--shapes 32x128,1x128] [--threads 2] [--repeats 30] [--reuse-memory]
+        [--shapes 32x128,1x128] [--threads 2] [--repeats 30] [--reuse-memory] [--rounds R]
         [--out benchmarks/results/speed.json]
 
 --reuse-memory runs every model under ``pgb.bench.keep_freed_memory()`` (glibc keeps
@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,13 +41,14 @@ def cpu_model() -> str:
 
 
 def run_case(name: str, folders: list[str], shapes: list[tuple[int, int]], threads: int,
-             repeats: int, reuse_memory: bool = False) -> list[dict]:
+             repeats: int, reuse_memory: bool = False, memory: bool = True,
+             round_: int = 0) -> list[dict]:
     labels = ["compressed", "baseline", "structured"][:len(folders)]
     out = []
     for batch, seq in shapes:
         res = bench_folders(dict(zip(labels, folders, strict=True)), batch, seq,
                             repeats=repeats, warmup=3, threads=threads, device="cpu",
-                            memory=True, progress=False, reuse_memory=reuse_memory)
+                            memory=memory, progress=False, reuse_memory=reuse_memory)
         record = summarize(res, batch, seq, threads, "cpu")
         record.update(reuse_memory=reuse_memory, cpu=cpu_model())
         report = Path(folders[0]) / "report.json"
@@ -55,10 +57,37 @@ def run_case(name: str, folders: list[str], shapes: list[tuple[int, int]], threa
             record.update(achieved_sparsity=rep.get("achieved_sparsity"),
                           dropped_sublayers=rep.get("dropped_sublayers"),
                           groups=rep.get("groups"))
-        record.update(case=name, folders=folders)
-        print(json.dumps({k: record[k] for k in ("case", "batch_size", "seq_len", "speedup")
+        record.update(case=name, folders=folders, round=round_)
+        print(json.dumps({k: record[k] for k in ("case", "round", "batch_size", "seq_len",
+                                                 "speedup")
                           if k in record}), flush=True)
         out.append(record)
+    return out
+
+
+def _ratio(values: list[float]) -> str:
+    """Median speed-up, then its range when there are several rounds: '2.41x (2.20-2.63)'."""
+    med = f"{statistics.median(values):.2f}x"
+    return med if len(values) < 2 else f"{med} ({min(values):.2f}-{max(values):.2f})"
+
+
+def rows(records: list[dict]) -> list[dict]:
+    """One row per (case, shape): medians over rounds (speed-up: median of the per-round
+    speed-ups, each measured with the models interleaved), sizes from the first round."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["case"], r["batch_size"], r["seq_len"]), []).append(r)
+    out = []
+    for (case, batch, seq), rs in groups.items():
+        row = {"case": case, "batch_size": batch, "seq_len": seq, "rounds": len(rs),
+               "sparsity": rs[0].get("achieved_sparsity"),
+               "pgb_mib": rs[0]["checkpoint_bytes"] / 2**20,
+               "dense_mib": rs[0]["baseline_checkpoint_bytes"] / 2**20}
+        for key in ("baseline_latency_ms", "latency_ms", "speedup", "structured_latency_ms",
+                    "structured_speedup"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            row[key] = vals or None
+        out.append(row)
     return out
 
 
@@ -67,21 +96,28 @@ def table(records: list[dict]) -> str:
              "| case | batch x seq | sparsity | dense ms | pgb ms | speed-up | structured ms | "
              "structured speed-up | pgb MiB | dense MiB |", "|---|---|---:|---:|---:|---:|---:|"
              "---:|---:|---:|"]
-    for r in records:
-        s_ms = r.get("structured_latency_ms")
-        s_cols = ("", "") if s_ms is None else (f"{s_ms:.1f}", f"{r['structured_speedup']:.2f}x")
+    for r in rows(records):
+        s_ms = r["structured_latency_ms"]
+        s_cols = ("", "") if s_ms is None else (f"{statistics.median(s_ms):.1f}",
+                                                _ratio(r["structured_speedup"]))
         lines.append(
             f"| {r['case']} | {r['batch_size']}x{r['seq_len']} | "
-            f"{r.get('achieved_sparsity') or float('nan'):.3f} | "
-            f"{r['baseline_latency_ms']:.1f} | {r['latency_ms']:.1f} | {r['speedup']:.2f}x | "
-            f"{s_cols[0]} | {s_cols[1]} | "
-            f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['baseline_checkpoint_bytes'] / 2**20:.1f} |")
+            f"{r['sparsity'] or float('nan'):.3f} | "
+            f"{statistics.median(r['baseline_latency_ms']):.1f} | "
+            f"{statistics.median(r['latency_ms']):.1f} | "
+            f"{_ratio(r['speedup'])} | {s_cols[0]} | {s_cols[1]} | "
+            f"{r['pgb_mib']:.1f} | {r['dense_mib']:.1f} |")
     r0 = records[0] if records else {}
     memory = "freed memory kept for reuse (`--reuse-memory`)" if r0.get("reuse_memory") \
         else "glibc's default allocator settings"
+    n_rounds = max((r["rounds"] for r in rows(records)), default=1)
+    spread = "" if n_rounds < 2 else (
+        f" {n_rounds} rounds, the cases taken in turn within each round; latencies are "
+        "medians over rounds; a speed-up is the median of the per-round speed-ups, its range over "
+        "rounds in brackets.")
     lines += ["", f"Threads {r0.get('threads')}, torch {torch.__version__}, "
               f"{r0.get('cpu') or platform.machine()}, {memory}; latency = median of "
-              "repeated runs after warm-up, models interleaved in one process."]
+              "repeated runs after warm-up, models interleaved in one process." + spread]
     return "\n".join(lines) + "\n"
 
 
@@ -93,15 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--reuse-memory", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every case this many times, in turn, and report medians "
+                        "and ranges (this machine's speed drifts over minutes)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    records = []
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     for case in args.case:
         if not 3 <= len(case) <= 4:
             p.error(f"--case takes NAME COMPRESSED TEACHER [STRUCTURED], got {case}")
-        records += run_case(case[0], case[1:], shapes, args.threads, args.repeats,
-                            args.reuse_memory)
+    records = []
+    for round_ in range(args.rounds):  # peak memory does not drift: measured once
+        for case in args.case:
+            records += run_case(case[0], case[1:], shapes, args.threads, args.repeats,
+                                args.reuse_memory, memory=round_ == 0, round_=round_)
     out = Path(args.out)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                "command": " ".join(["python", *sys.argv]),
