@@ -271,45 +271,57 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in_features) -> (..., out_features)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (N, in)
-        strategy = self.pick_strategy(x2)
+        # Parameters and buffers come straight from the module's dicts: nn.Module's
+        # attribute fallback costs ~1 us a lookup, a sizeable part of a call at 128 tokens.
+        in_f, out_f = self.in_features, self.out_features
+        if x.shape[-1] != in_f:
+            raise ValueError(f"expected input (..., {in_f}), got {tuple(x.shape)}")
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # (N, in)
+        params, buffers = self._parameters, self._buffers
+        weight = params.get("weight")
+        if weight is None:  # e.g. a parametrization took it over
+            weight = self.weight
+        bias = params["bias"] if "bias" in params else self.bias  # bias=False: plain None
+        in_index, out_gather = buffers["in_index"], buffers["_out_gather"]
+        strategy = self._pick(x2, weight, bias)
         if strategy == "reference":
-            xb = x2 if self.in_index is None else x2.index_select(1, self.in_index)
-            yb = self._forward_reference(xb)
+            xb = x2 if in_index is None else x2.index_select(1, in_index)
+            yb = self._forward_reference(xb, weight, bias)
         else:
             # the gathered input and the pre-scatter output never leave this call: on the
             # CPU they live in per-thread scratch (a fresh tensor per call costs page faults)
             n = x2.shape[0]
-            xb = x2 if self.in_index is None else torch.index_select(
-                x2, 1, self.in_index, out=_scratch(0, n, self.in_features, x2))
+            xb = x2 if in_index is None else torch.index_select(
+                x2, 1, in_index, out=_scratch(0, n, in_f, x2))
             if strategy == "conv":  # allocates its own output, handed back as a view
-                yb = self._forward_conv(xb)
+                yb = self._forward_conv(xb, weight, bias)
             else:
-                out = None if self.out_index is None else _scratch(1, n, self.out_features, x2)
+                out = None if out_gather is None else _scratch(1, n, out_f, x2)
                 kernel = self._forward_bands if strategy == "bands" else self._forward_batched
-                yb = kernel(xb, out)
-        y = yb if self.out_index is None else yb.index_select(1, self._out_gather)
-        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+                yb = kernel(xb, weight, bias, out)
+        y = yb if out_gather is None else yb.index_select(1, out_gather)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
     def pick_strategy(self, xb: Tensor) -> str:
         """The kernel used for input `xb` (N, in): "reference" when autograd or export
         needs it, else ``self.strategy``, where "auto" decides from N and the shape."""
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        return self._pick(xb, self.weight, self.bias)
+
+    def _pick(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+        strategy = self.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         # cheap checks only: at 128 tokens the whole layer runs in ~0.1 ms
         needs_graph = torch.is_grad_enabled() and (
-            xb.requires_grad or self.weight.requires_grad
-            or (self.bias is not None and self.bias.requires_grad))
+            xb.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad))
         tracing = torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
-        if needs_graph or tracing or self.strategy == "reference" or not self._kept:
+        if needs_graph or tracing or strategy == "reference" or not self._kept:
             return "reference"
-        if self.strategy == "conv" and not self._all_kept:
+        if strategy == "conv" and not self._all_kept:
             return "bands"  # the convolution has no place for a dropped block
-        if self.strategy != "auto":
-            return self.strategy
+        if strategy != "auto":
+            return strategy
         # "bands" writes every block once, in place; "batched" adds a (Gk, N, ob)
         # temporary and a transposing pass, which pays off at few tokens; oneDNN's
         # grouped convolution beats both from a few hundred tokens up on the CPU.
@@ -319,14 +331,14 @@ class GroupedLinear(nn.Module):
         onednn = _ONEDNN and torch.backends.mkldnn.enabled  # off: conv2d's slow fallback
         return "conv" if self._all_kept and xb.device.type == "cpu" and onednn else "bands"
 
-    def _forward_reference(self, xb: Tensor) -> Tensor:
+    def _forward_reference(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Differentiable, export-friendly path. (N, in) block order -> (N, out)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
         if self._kept:
             xv = xb.unflatten(1, (g, self.ib))  # (N, G, ib)
             if len(self._kept) < g:
                 xv = xv.index_select(1, self.kept)  # (N, Gk, ib)
-            yk = torch.bmm(xv.transpose(0, 1), self.weight)  # (Gk, N, ob)
+            yk = torch.bmm(xv.transpose(0, 1), weight)  # (Gk, N, ob)
             if len(self._kept) == g:
                 yb = yk.transpose(0, 1).reshape(n, self.out_features)
             else:
@@ -335,9 +347,10 @@ class GroupedLinear(nn.Module):
                 yb = torch.cat([band.get(k, zero) for k in range(g)], dim=1)  # (N, out)
         else:
             yb = xb.new_zeros(n, self.out_features)
-        return yb if self.bias is None else yb + self.bias
+        return yb if bias is None else yb + bias
 
-    def _forward_bands(self, xb: Tensor, y: Tensor | None = None) -> Tensor:
+    def _forward_bands(self, xb: Tensor, weight: Tensor, bias: Tensor | None,
+                       y: Tensor | None = None) -> Tensor:
         """bmm straight into the output bands, then one in-place bias add (into ``y``,
         (N, out), when given)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
@@ -345,32 +358,33 @@ class GroupedLinear(nn.Module):
         xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
         yv = y.view(n, g, ob).transpose(0, 1)  # (G, N, ob), a strided view of y
         if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
-            torch.bmm(xv, self.weight, out=yv)
-            return y if self.bias is None else y.add_(self.bias)
+            torch.bmm(xv, weight, out=yv)
+            return y if bias is None else y.add_(bias)
         for j0, k0, k1 in self._kept_runs:
             # out= a strided view: CPU BLAS writes each block in place (ldc = out)
-            torch.bmm(xv[k0:k1], self.weight[j0:j0 + k1 - k0], out=yv[k0:k1])
+            torch.bmm(xv[k0:k1], weight[j0:j0 + k1 - k0], out=yv[k0:k1])
         for k0, k1 in self._dropped_runs:
             yv[k0:k1].zero_()
-        return y if self.bias is None else y.add_(self.bias)
+        return y if bias is None else y.add_(bias)
 
-    def _forward_batched(self, xb: Tensor, y: Tensor | None = None) -> Tensor:
+    def _forward_batched(self, xb: Tensor, weight: Tensor, bias: Tensor | None,
+                         y: Tensor | None = None) -> Tensor:
         """bmm into a (Gk, N, ob) temporary, then bias + transpose in one pass (into
         ``y``, (N, out), when given)."""
         n, g, ob = xb.shape[0], self.groups, self.ob
         y = xb.new_empty(n, self.out_features) if y is None else y
         xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
         yv = y.view(n, g, ob)  # (N, G, ob)
-        bias = None if self.bias is None else self.bias.view(g, ob)
+        bias = None if bias is None else bias.view(g, ob)
         if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
-            yk = torch.bmm(xv, self.weight).transpose(0, 1)  # (N, G, ob)
+            yk = torch.bmm(xv, weight).transpose(0, 1)  # (N, G, ob)
             if bias is None:
                 yv.copy_(yk)
             else:
                 torch.add(yk, bias, out=yv)
             return y
         for j0, k0, k1 in self._kept_runs:
-            yk = torch.bmm(xv[k0:k1], self.weight[j0:j0 + k1 - k0])  # (run, N, ob)
+            yk = torch.bmm(xv[k0:k1], weight[j0:j0 + k1 - k0])  # (run, N, ob)
             yk = yk.transpose(0, 1)  # (N, run, ob)
             if bias is None:
                 yv[:, k0:k1].copy_(yk)
@@ -383,14 +397,14 @@ class GroupedLinear(nn.Module):
                 yv[:, k0:k1].copy_(bias[k0:k1].expand(n, k1 - k0, ob))
         return y
 
-    def _forward_conv(self, xb: Tensor) -> Tensor:
+    def _forward_conv(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """All blocks kept: a grouped 1x1 convolution over the tokens. (N, in) is viewed as
         a channels-last (1, in, N, 1) image and the (1, out, N, 1) channels-last result
         as (N, out), so neither side is copied; the bias is added inside."""
         n = xb.shape[0]
-        weight = self.weight.transpose(1, 2).reshape(self.out_features, self.ib, 1, 1)
+        weight = weight.transpose(1, 2).reshape(self.out_features, self.ib, 1, 1)
         image = xb.view(1, n, 1, self.in_features).permute(0, 3, 1, 2)
-        out = F.conv2d(image, weight, self.bias, groups=self.groups)
+        out = F.conv2d(image, weight, bias, groups=self.groups)
         return out.permute(0, 2, 3, 1).reshape(n, self.out_features)  # a channels-last view
 
     def extra_repr(self) -> str:
