@@ -96,7 +96,8 @@ def table(records: list[dict]) -> str:
              "| case | batch x seq | sparsity | dense ms | pgb ms | speed-up | structured ms | "
              "structured speed-up | pgb MiB | dense MiB |", "|---|---|---:|---:|---:|---:|---:|"
              "---:|---:|---:|"]
-    for r in rows(records):
+    table_rows = rows(records)
+    for r in table_rows:
         s_ms = r["structured_latency_ms"]
         s_cols = ("", "") if s_ms is None else (f"{statistics.median(s_ms):.1f}",
                                                 _ratio(r["structured_speedup"]))
@@ -110,7 +111,7 @@ def table(records: list[dict]) -> str:
     r0 = records[0] if records else {}
     memory = "freed memory kept for reuse (`--reuse-memory`)" if r0.get("reuse_memory") \
         else "glibc's default allocator settings"
-    n_rounds = max((r["rounds"] for r in rows(records)), default=1)
+    n_rounds = max((r["rounds"] for r in table_rows), default=1)
     spread = "" if n_rounds < 2 else (
         f" {n_rounds} rounds, the cases taken in turn within each round; latencies are "
         "medians over rounds; a speed-up is the median of the per-round speed-ups, its range over "

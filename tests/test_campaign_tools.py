@@ -416,7 +416,7 @@ def _speed_record(case: str, batch: int, round_: int, dense: float, pgb: float) 
 
 def test_speed_rounds_report_median_of_per_round_speedups():
     speed = _load("speed")
-    # the machine drifts: round 1 is slow for both models; pairing keeps the ratio
+    # the machine drifts between rounds: each round's ratio is taken on its own
     recs = [_speed_record("a", 1, 0, 30.0, 15.0), _speed_record("a", 1, 1, 45.0, 15.0),
             _speed_record("a", 1, 2, 33.0, 12.0), _speed_record("b", 32, 0, 800.0, 400.0)]
     rows = {r["case"]: r for r in speed.rows(recs)}
