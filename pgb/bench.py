@@ -1,7 +1,8 @@
 """Measured cost of models side by side: latency, throughput, size, memory, FLOPs.
 
 Latency is the median of repeated forward passes after warm-up, the models timed in turn
-(interleaved) inside one process so that machine noise hits all of them alike. Peak
+(interleaved) inside one process so that machine noise hits all of them alike;
+``latency_spread`` says how steady the timings were (see :func:`latency_spread`). Peak
 memory is measured per model in a fresh subprocess on the CPU (peak resident set size of
 loading the model and running one batch) and with the allocator's peak on CUDA.
 
@@ -126,6 +127,18 @@ def peak_memory_mb(folder: str, batch_size: int, seq_len: int, device: str,
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB on Linux
 
 
+NOISY_SPREAD = 0.2  # a latency spread above this is warned about by ``pgb bench``
+
+
+def latency_spread(times: list[float]) -> float | None:
+    """How steady repeated timings were: (90th - 10th percentile) / median. None with
+    fewer than 5 timings (too few for percentiles)."""
+    if len(times) < 5:
+        return None
+    cuts = statistics.quantiles(times, n=10)  # 9 cut points: the 10th ... 90th percentile
+    return (cuts[-1] - cuts[0]) / statistics.median(times)
+
+
 def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
                   repeats: int = 20, warmup: int = 3, threads: int | None = None,
                   device: str | None = None, memory: bool = True,
@@ -146,6 +159,7 @@ def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
         med = statistics.median(times[name])
         out[name] = {
             "latency_ms": med * 1e3, "latency_ms_min": min(times[name]) * 1e3,
+            "latency_spread": latency_spread(times[name]),
             "throughput_seq_s": batch_size / med, "params": count_params(model),
             "checkpoint_bytes": checkpoint_bytes(folders[name]),
             "flops": flops(model, seq_len) * batch_size,

@@ -12,7 +12,7 @@ def cmd_bench(args) -> dict:
     """Latency, throughput and size of a compressed model against its baselines."""
     import torch
 
-    from .bench import bench_folders, summarize
+    from .bench import NOISY_SPREAD, bench_folders, summarize
 
     folders = {"compressed": args.model}
     for name in ("baseline", "structured"):
@@ -26,6 +26,12 @@ def cmd_bench(args) -> dict:
         print(f"{name:>11}: {r['latency_ms']:8.2f} ms  {r['throughput_seq_s']:8.1f} seq/s  "
               f"{r['params'] / 1e6:6.2f} M params  {r['checkpoint_bytes'] / 2**20:7.1f} MiB",
               file=sys.stderr)
+        spread = r["latency_spread"]
+        if spread is not None and spread > NOISY_SPREAD:
+            log.warning("%s: latency varied by %.0f%% of its median across the %d timed runs "
+                        "(10th to 90th percentile), so the speed-up carries that noise; rerun "
+                        "with more --repeats or on a quieter machine, and compare several runs",
+                        name, 100 * spread, args.repeats)
     summary = summarize(res, args.batch_size, args.seq_len,
                         args.threads or torch.get_num_threads(), device)
     summary["reuse_memory"] = args.reuse_memory

@@ -167,3 +167,28 @@ def test_question_answering_end_to_end(tiny_dir, shared_data, tmp_path, capsys):
     assert abs(report["achieved_sparsity"] - 0.5) <= 0.005
     out = run(capsys, "evaluate", "--model", str(comp), *common, "--max-samples", "20")
     assert set(out) >= {"exact_match", "f1"} and 0 <= out["f1"] <= 100
+
+
+def test_latency_spread_known_answers():
+    from pgb.bench import latency_spread
+
+    assert latency_spread([2.0] * 10) == 0.0
+    # 1..9: the 10th / 90th percentiles are 1 and 9, the median 5
+    assert latency_spread([float(v) for v in range(1, 10)]) == pytest.approx(8 / 5)
+    assert latency_spread([1.0, 2.0, 3.0, 4.0]) is None  # too few for percentiles
+
+
+def test_bench_warns_when_timings_are_noisy(pipeline_dirs, capsys, caplog, monkeypatch):
+    import pgb.bench
+
+    teacher, comp = pipeline_dirs
+    steady, noisy = [0.010] * 9, [0.010, 0.011, 0.009, 0.010, 0.030, 0.005, 0.010, 0.02, 0.01]
+    monkeypatch.setattr(pgb.bench, "time_models",
+                        lambda models, *a, **k: {"compressed": noisy, "baseline": steady})
+    out = run(capsys, "bench", "--model", str(comp), "--baseline", str(teacher),
+              "--batch-size", "1", "--seq-len", "8", "--repeats", "9", "--threads", "1")
+    assert out["baseline_latency_spread"] == 0.0 and out["latency_spread"] > 0.2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("compressed: latency varied by") and "--repeats" in m
+               for m in warned), warned
+    assert not any(m.startswith("baseline:") for m in warned)
