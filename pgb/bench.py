@@ -135,7 +135,9 @@ def latency_spread(times: list[float]) -> float | None:
     fewer than 5 timings (too few for percentiles)."""
     if len(times) < 5:
         return None
-    cuts = statistics.quantiles(times, n=10)  # 9 cut points: the 10th ... 90th percentile
+    # 9 cut points, the 10th ... 90th percentile; "inclusive" stays within the timings
+    # ("exclusive", the default, extrapolates beyond them when there are few)
+    cuts = statistics.quantiles(times, n=10, method="inclusive")
     return (cuts[-1] - cuts[0]) / statistics.median(times)
 
 

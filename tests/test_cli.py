@@ -173,8 +173,11 @@ def test_latency_spread_known_answers():
     from pgb.bench import latency_spread
 
     assert latency_spread([2.0] * 10) == 0.0
-    # 1..9: the 10th / 90th percentiles are 1 and 9, the median 5
-    assert latency_spread([float(v) for v in range(1, 10)]) == pytest.approx(8 / 5)
+    # 1..9: the 10th / 90th percentiles sit 0.8 and 7.2 steps above the smallest, at 1.8
+    # and 8.2 (within the timings), the median is 5
+    assert latency_spread([float(v) for v in range(1, 10)]) == pytest.approx((8.2 - 1.8) / 5)
+    # five timings: the percentiles may not reach past the smallest and largest
+    assert latency_spread([1.0, 2.0, 3.0, 4.0, 5.0]) <= (5.0 - 1.0) / 3.0
     assert latency_spread([1.0, 2.0, 3.0, 4.0]) is None  # too few for percentiles
 
 
