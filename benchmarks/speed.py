@@ -7,10 +7,11 @@ the models are timed in turn (interleaved) with ``pgb.bench``; the JSON goes to
 Usage:
     python benchmarks/speed.py --case NAME COMPRESSED TEACHER [STRUCTURED] [--case ...]
         [--shapes 32x128,1x128] [--threads 2] [--repeats 30] [--reuse-memory] [--rounds R]
-        [--out benchmarks/results/speed.json]
+        [--compile [BACKEND]] [--out benchmarks/results/speed.json]
 
 --reuse-memory runs every model under ``pgb.bench.keep_freed_memory()`` (glibc keeps
-freed memory, so forwards do not page-fault fresh memory in).
+freed memory, so forwards do not page-fault fresh memory in). --compile times every model
+(teacher and structured too) through ``torch.compile``, inductor unless a backend is named.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ def cpu_model() -> str:
 
 def run_case(name: str, folders: list[str], shapes: list[tuple[int, int]], threads: int,
              repeats: int, reuse_memory: bool = False, memory: bool = True,
-             round_: int = 0) -> list[dict]:
+             round_: int = 0, compile_backend: str | None = None) -> list[dict]:
     labels = ["compressed", "baseline", "structured"][:len(folders)]
     out = []
     for batch, seq in shapes:
         res = bench_folders(dict(zip(labels, folders, strict=True)), batch, seq,
                             repeats=repeats, warmup=3, threads=threads, device="cpu",
-                            memory=memory, progress=False, reuse_memory=reuse_memory)
+                            memory=memory, progress=False, reuse_memory=reuse_memory,
+                            compile_backend=compile_backend)
         record = summarize(res, batch, seq, threads, "cpu")
-        record.update(reuse_memory=reuse_memory, cpu=cpu_model())
+        record.update(reuse_memory=reuse_memory, cpu=cpu_model(),
+                      compile_backend=compile_backend)
         report = Path(folders[0]) / "report.json"
         if report.is_file():
             rep = json.loads(report.read_text())
@@ -111,6 +114,8 @@ def table(records: list[dict]) -> str:
     r0 = records[0] if records else {}
     memory = "freed memory kept for reuse (`--reuse-memory`)" if r0.get("reuse_memory") \
         else "glibc's default allocator settings"
+    if r0.get("compile_backend"):
+        memory += f"; every model run through torch.compile ({r0['compile_backend']})"
     n_rounds = max((r["rounds"] for r in table_rows), default=1)
     spread = "" if n_rounds < 2 else (
         f" {n_rounds} rounds, the cases taken in turn within each round; latencies are "
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every case this many times, in turn, and report medians "
                         "and ranges (this machine's speed drifts over minutes)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="time every model through torch.compile (inductor unless named)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):  # peak memory does not drift: measured once
         for case in args.case:
             records += run_case(case[0], case[1:], shapes, args.threads, args.repeats,
-                                args.reuse_memory, memory=round_ == 0, round_=round_)
+                                args.reuse_memory, memory=round_ == 0, round_=round_,
+                                compile_backend=args.compile)
     out = Path(args.out)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                "command": " ".join(["python", *sys.argv]),

@@ -144,9 +144,12 @@ def latency_spread(times: list[float]) -> float | None:
 def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
                   repeats: int = 20, warmup: int = 3, threads: int | None = None,
                   device: str | None = None, memory: bool = True,
-                  progress: bool = True, reuse_memory: bool = False) -> dict[str, dict]:
+                  progress: bool = True, reuse_memory: bool = False,
+                  compile_backend: str | None = None) -> dict[str, dict]:
     """Measure every model folder; returns name -> metrics (see module docstring).
-    ``reuse_memory`` calls :func:`keep_freed_memory` first (every model runs under it)."""
+    ``reuse_memory`` calls :func:`keep_freed_memory` first (every model runs under it);
+    ``compile_backend`` (e.g. "inductor") times every model through ``torch.compile`` with
+    that backend; the first warm-up pass compiles."""
     if threads:
         torch.set_num_threads(threads)
     if reuse_memory and not keep_freed_memory():
@@ -155,7 +158,10 @@ def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = {name: load_any(f).to(device).eval() for name, f in folders.items()}
     batch = dummy_batch(next(iter(models.values())), batch_size, seq_len, device)
-    times = time_models(models, batch, repeats, warmup, progress)
+    runners = models if compile_backend is None else {
+        n: torch.compile(m, backend=compile_backend) for n, m in models.items()}
+    times = time_models(runners, batch, repeats,
+                        warmup if compile_backend is None else max(warmup, 1), progress)
     out = {}
     for name, model in models.items():
         med = statistics.median(times[name])

@@ -19,6 +19,9 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse-memory", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so forwards do not "
                         "page-fault fresh memory in; applies to every model measured")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="time every model through torch.compile (backend: inductor unless "
+                        "named; the first warm-up pass compiles, tens of seconds a model)")
     p = sub.add_parser("export", help="export a model to ONNX")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="FILE.onnx")

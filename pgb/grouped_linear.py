@@ -18,7 +18,11 @@ Kernel strategies (all compute the same function; ``GroupedLinear.strategy``):
   against ``grouped_linear_bands_epyc.md``); at 128 tokens it was slower than "batched"
   in exploration, so "auto" keeps "batched" there.
 - ``"reference"``: differentiable and exportable ops only. Used whenever autograd needs
-  a graph, and under ``torch.onnx.export`` / ``torch.export`` / ``torch.compile``.
+  a graph, and under ``torch.onnx.export`` / ``torch.export``.
+
+Under ``torch.compile`` (nothing needing a gradient) the layer calls the fast kernels
+through the custom op ``torch.ops.pgb.grouped_mm`` (``pgb.grouped_kernels``), which the
+compiler keeps as one call; the index maps around it stay in the graph.
 
 ``"auto"`` (the default) picks per call from the token count and the layer's shape;
 the rule comes from ``benchmarks/bench_grouped_linear.py`` runs (CPU, MKL, 2 threads).
@@ -28,20 +32,21 @@ Ideas that measured slower are listed in ``benchmarks/results/grouped_linear.md`
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-STRATEGIES = ("auto", "reference", "bands", "batched", "conv")
-
-# "auto" uses "batched" up to this many tokens (twice as many when the output is the
-# narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
-# Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384
-# tokens for 384->1536 and 384->384, ~512 for 1536->384.
-SMALL_TOKENS = 256
+# STRATEGIES, _SCRATCH, _runs and release_scratch are re-exported (callers import them here)
+from .grouped_kernels import (  # noqa: F401
+    _SCRATCH,
+    STRATEGIES,
+    BlockKernels,
+    _runs,
+    _scratch,
+    grouped_mm,
+    release_scratch,
+)
 
 
 def _as_index(index: Tensor | Sequence[int], n: int, name: str) -> Tensor:
@@ -72,45 +77,9 @@ def _as_kept(kept: Tensor | Sequence[int], groups: int) -> list[int]:
     return ids
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive ids as half-open ranges: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
-    runs: list[tuple[int, int]] = []
-    for k in ids:
-        if runs and runs[-1][1] == k:
-            runs[-1] = (runs[-1][0], k + 1)
-        else:
-            runs.append((k, k + 1))
-    return runs
-
-
 # torch.export (and the dynamo-based torch.onnx.export); the TorchScript-based ONNX
 # exporter is caught by torch.jit.is_tracing()
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
-
-
-_SCRATCH = threading.local()
-_ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
-    """A (rows, cols) tensor for an intermediate of the fast kernels: per thread and slot,
-    one CPU buffer kept between calls and grown to the largest size seen (at 32 x 128
-    tokens and hidden 384: 6 MiB per slot); elsewhere (CUDA) a fresh tensor, since the
-    caching allocator already makes those cheap. ``release_scratch()`` frees the buffers."""
-    if like.device.type != "cpu":
-        return like.new_empty(rows, cols)
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (slot, like.dtype)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < rows * cols:
-        with torch.inference_mode(False):  # usable in and out of inference mode
-            buf = buffers[key] = torch.empty(rows * cols, dtype=like.dtype)
-    return buf[:rows * cols].view(rows, cols)
-
-
-def release_scratch() -> None:
-    """Free this thread's scratch buffers (they are rebuilt on the next fast forward)."""
-    _SCRATCH.__dict__.pop("buffers", None)
 
 
 def _refresh_after_load(module: GroupedLinear, _incompatible_keys: object) -> None:
@@ -118,7 +87,7 @@ def _refresh_after_load(module: GroupedLinear, _incompatible_keys: object) -> No
     module._refresh()
 
 
-class GroupedLinear(nn.Module):
+class GroupedLinear(BlockKernels, nn.Module):
     """y = x W^T + b where W, after permutation, keeps only G diagonal blocks.
 
     Shapes: ``ib = in_features // groups``, ``ob = out_features // groups``.
@@ -171,9 +140,8 @@ class GroupedLinear(nn.Module):
             if size < 1 or size % groups:
                 raise ValueError(f"groups={groups} must divide {name}={size}; pick G from "
                                  f"the common divisors of in_features and out_features")
-        self.in_features, self.out_features, self.groups = in_features, out_features, groups
-        self.ib, self.ob = in_features // groups, out_features // groups
         kept_ids = _as_kept(kept, groups)
+        self.set_layout(in_features, out_features, groups, kept_ids)
         self.strategy = "auto"
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(len(kept_ids), self.ib, self.ob, **factory))
@@ -191,16 +159,11 @@ class GroupedLinear(nn.Module):
 
     def _refresh(self) -> None:
         """Rebuild the Python-side views of the buffers (after init or a state_dict load)."""
-        self._kept = _as_kept(self.kept.cpu(), self.groups)
-        if len(self._kept) != self.weight.shape[0]:
-            raise ValueError(f"kept lists {len(self._kept)} blocks but weight holds "
+        kept = _as_kept(self.kept.cpu(), self.groups)
+        if len(kept) != self.weight.shape[0]:
+            raise ValueError(f"kept lists {len(kept)} blocks but weight holds "
                              f"{self.weight.shape[0]}; load a state_dict saved with the same kept")
-        kept_set = set(self._kept)
-        # blocks are processed in runs of consecutive ids: one strided view per run
-        # (one run in the common all-kept case). kept run (k0, k1) holds weight[j0:j1].
-        self._kept_runs = [(self._kept.index(k0), k0, k1) for k0, k1 in _runs(self._kept)]
-        self._dropped_runs = _runs([k for k in range(self.groups) if k not in kept_set])
-        self._all_kept = len(self._kept) == self.groups
+        self.set_layout(self.in_features, self.out_features, self.groups, kept)
         if self.in_index is not None:
             _as_index(self.in_index, self.in_features, "in_index")
         if self.out_index is not None:
@@ -284,21 +247,20 @@ class GroupedLinear(nn.Module):
         bias = params["bias"] if "bias" in params else self.bias  # bias=False: plain None
         in_index, out_gather = buffers["in_index"], buffers["_out_gather"]
         strategy = self._pick(x2, weight, bias)
-        if strategy == "reference":
+        if strategy in ("reference", "op"):
             xb = x2 if in_index is None else x2.index_select(1, in_index)
-            yb = self._forward_reference(xb, weight, bias)
+            yb = self._forward_reference(xb, weight, bias) if strategy == "reference" else \
+                grouped_mm(xb, weight, bias, self.groups, self._kept, self.strategy)
         else:
             # the gathered input and the pre-scatter output never leave this call: on the
             # CPU they live in per-thread scratch (a fresh tensor per call costs page faults)
             n = x2.shape[0]
             xb = x2 if in_index is None else torch.index_select(
                 x2, 1, in_index, out=_scratch(0, n, in_f, x2))
-            if strategy == "conv":  # allocates its own output, handed back as a view
-                yb = self._forward_conv(xb, weight, bias)
-            else:
-                out = None if out_gather is None else _scratch(1, n, out_f, x2)
-                kernel = self._forward_bands if strategy == "bands" else self._forward_batched
-                yb = kernel(xb, weight, bias, out)
+            # "conv" allocates its own output (handed back as a view); the others fill out
+            out = None if out_gather is None or strategy == "conv" else \
+                _scratch(1, n, out_f, x2)
+            yb = self._run_fast(strategy, xb, weight, bias, out)
         y = yb if out_gather is None else yb.index_select(1, out_gather)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
@@ -315,97 +277,12 @@ class GroupedLinear(nn.Module):
         needs_graph = torch.is_grad_enabled() and (
             xb.requires_grad or weight.requires_grad
             or (bias is not None and bias.requires_grad))
-        tracing = torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
-        if needs_graph or tracing or strategy == "reference" or not self._kept:
+        exporting = _is_exporting() or torch.jit.is_tracing()
+        if needs_graph or exporting or strategy == "reference" or not self._kept:
             return "reference"
-        if strategy == "conv" and not self._all_kept:
-            return "bands"  # the convolution has no place for a dropped block
-        if strategy != "auto":
-            return strategy
-        # "bands" writes every block once, in place; "batched" adds a (Gk, N, ob)
-        # temporary and a transposing pass, which pays off at few tokens; oneDNN's
-        # grouped convolution beats both from a few hundred tokens up on the CPU.
-        small = SMALL_TOKENS * (2 if self.in_features > self.out_features else 1)
-        if xb.shape[0] <= small:
-            return "batched"
-        onednn = _ONEDNN and torch.backends.mkldnn.enabled  # off: conv2d's slow fallback
-        return "conv" if self._all_kept and xb.device.type == "cpu" and onednn else "bands"
-
-    def _forward_reference(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """Differentiable, export-friendly path. (N, in) block order -> (N, out)."""
-        n, g, ob = xb.shape[0], self.groups, self.ob
-        if self._kept:
-            xv = xb.unflatten(1, (g, self.ib))  # (N, G, ib)
-            if len(self._kept) < g:
-                xv = xv.index_select(1, self.kept)  # (N, Gk, ib)
-            yk = torch.bmm(xv.transpose(0, 1), weight)  # (Gk, N, ob)
-            if len(self._kept) == g:
-                yb = yk.transpose(0, 1).reshape(n, self.out_features)
-            else:
-                zero = yk.new_zeros(n, ob)
-                band = dict(zip(self._kept, yk.unbind(0), strict=True))
-                yb = torch.cat([band.get(k, zero) for k in range(g)], dim=1)  # (N, out)
-        else:
-            yb = xb.new_zeros(n, self.out_features)
-        return yb if bias is None else yb + bias
-
-    def _forward_bands(self, xb: Tensor, weight: Tensor, bias: Tensor | None,
-                       y: Tensor | None = None) -> Tensor:
-        """bmm straight into the output bands, then one in-place bias add (into ``y``,
-        (N, out), when given)."""
-        n, g, ob = xb.shape[0], self.groups, self.ob
-        y = xb.new_empty(n, self.out_features) if y is None else y
-        xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
-        yv = y.view(n, g, ob).transpose(0, 1)  # (G, N, ob), a strided view of y
-        if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
-            torch.bmm(xv, weight, out=yv)
-            return y if bias is None else y.add_(bias)
-        for j0, k0, k1 in self._kept_runs:
-            # out= a strided view: CPU BLAS writes each block in place (ldc = out)
-            torch.bmm(xv[k0:k1], weight[j0:j0 + k1 - k0], out=yv[k0:k1])
-        for k0, k1 in self._dropped_runs:
-            yv[k0:k1].zero_()
-        return y if bias is None else y.add_(bias)
-
-    def _forward_batched(self, xb: Tensor, weight: Tensor, bias: Tensor | None,
-                         y: Tensor | None = None) -> Tensor:
-        """bmm into a (Gk, N, ob) temporary, then bias + transpose in one pass (into
-        ``y``, (N, out), when given)."""
-        n, g, ob = xb.shape[0], self.groups, self.ob
-        y = xb.new_empty(n, self.out_features) if y is None else y
-        xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
-        yv = y.view(n, g, ob)  # (N, G, ob)
-        bias = None if bias is None else bias.view(g, ob)
-        if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
-            yk = torch.bmm(xv, weight).transpose(0, 1)  # (N, G, ob)
-            if bias is None:
-                yv.copy_(yk)
-            else:
-                torch.add(yk, bias, out=yv)
-            return y
-        for j0, k0, k1 in self._kept_runs:
-            yk = torch.bmm(xv[k0:k1], weight[j0:j0 + k1 - k0])  # (run, N, ob)
-            yk = yk.transpose(0, 1)  # (N, run, ob)
-            if bias is None:
-                yv[:, k0:k1].copy_(yk)
-            else:
-                torch.add(yk, bias[k0:k1], out=yv[:, k0:k1])
-        for k0, k1 in self._dropped_runs:
-            if bias is None:
-                yv[:, k0:k1].zero_()
-            else:
-                yv[:, k0:k1].copy_(bias[k0:k1].expand(n, k1 - k0, ob))
-        return y
-
-    def _forward_conv(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """All blocks kept: a grouped 1x1 convolution over the tokens. (N, in) is viewed as
-        a channels-last (1, in, N, 1) image and the (1, out, N, 1) channels-last result
-        as (N, out), so neither side is copied; the bias is added inside."""
-        n = xb.shape[0]
-        weight = weight.transpose(1, 2).reshape(self.out_features, self.ib, 1, 1)
-        image = xb.view(1, n, 1, self.in_features).permute(0, 3, 1, 2)
-        out = F.conv2d(image, weight, bias, groups=self.groups)
-        return out.permute(0, 2, 3, 1).reshape(n, self.out_features)  # a channels-last view
+        if torch.compiler.is_compiling():  # the fast kernels, opaque to the compiler
+            return "op"
+        return self._fast_strategy(xb, strategy)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

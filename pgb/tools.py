@@ -21,7 +21,8 @@ def cmd_bench(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = bench_folders(folders, args.batch_size, args.seq_len, repeats=args.repeats,
                         warmup=args.warmup, threads=args.threads, device=device,
-                        progress=not args.quiet, reuse_memory=args.reuse_memory)
+                        progress=not args.quiet, reuse_memory=args.reuse_memory,
+                        compile_backend=args.compile)
     for name, r in res.items():
         print(f"{name:>11}: {r['latency_ms']:8.2f} ms  {r['throughput_seq_s']:8.1f} seq/s  "
               f"{r['params'] / 1e6:6.2f} M params  {r['checkpoint_bytes'] / 2**20:7.1f} MiB",
@@ -35,6 +36,7 @@ def cmd_bench(args) -> dict:
     summary = summarize(res, args.batch_size, args.seq_len,
                         args.threads or torch.get_num_threads(), device)
     summary["reuse_memory"] = args.reuse_memory
+    summary["compile_backend"] = args.compile
     return summary
 
 

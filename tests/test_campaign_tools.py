@@ -428,3 +428,17 @@ def test_speed_rounds_report_median_of_per_round_speedups():
     assert "| b | 32x128 | 0.875 | 800.0 | 400.0 | 2.00x |" in md
     assert "3 rounds" in md
     assert "rounds" not in speed.table([recs[-1]]).split("\n")[-2]
+
+
+# ---------------------------------------------------------------- compile_speed.py
+
+def test_compile_speed_table_gives_both_comparisons():
+    _load("speed")  # compile_speed imports it by name, as when run from benchmarks/
+    compile_speed = _load("compile_speed")
+    models = {"teacher": {"eager_ms": 40.0, "compiled_ms": 32.0, "compile_s": 9.0},
+              "pgb": {"eager_ms": 20.0, "compiled_ms": 10.0, "compile_s": 5.0}}
+    record = {"teacher": "teacher", "threads": 2, "torch": "x", "cpu": "y",
+              "shapes": [{"batch_size": 1, "seq_len": 128, "models": models}]}
+    row = next(line for line in compile_speed.table(record).splitlines() if "| pgb |" in line)
+    # compiled/eager 0.50; both eager 40/20; both compiled 32/10; compiled vs eager 40/10
+    assert row == "| 1x128 | pgb | 20.0 | 10.0 | 0.50 | 2.00x | 3.20x | 4.00x |"

@@ -72,7 +72,7 @@ def test_bench_export_report(pipeline_dirs, tmp_path, capsys):
     out = run(capsys, "bench", "--model", str(comp), "--baseline", str(teacher),
               "--batch-size", "2", "--seq-len", "16", "--repeats", "2", "--threads", "1",
               "--reuse-memory")
-    assert out["reuse_memory"] is True
+    assert out["reuse_memory"] is True and out["compile_backend"] is None
     for key in ("latency_ms", "baseline_latency_ms", "speedup", "params", "baseline_params",
                 "checkpoint_bytes", "baseline_checkpoint_bytes", "peak_memory_mb"):
         assert key in out
@@ -195,3 +195,28 @@ def test_bench_warns_when_timings_are_noisy(pipeline_dirs, capsys, caplog, monke
     assert any(m.startswith("compressed: latency varied by") and "--repeats" in m
                for m in warned), warned
     assert not any(m.startswith("baseline:") for m in warned)
+
+
+def test_bench_compile_times_compiled_models(pipeline_dirs, capsys, monkeypatch):
+    import torch
+
+    import pgb.bench
+
+    teacher, comp = pipeline_dirs
+    timed, time_models = {}, pgb.bench.time_models
+
+    def spy(models, *args, **kwargs):
+        timed.update(models)
+        return time_models(models, *args, **kwargs)
+
+    monkeypatch.setattr(pgb.bench, "time_models", spy)
+    torch._dynamo.reset()
+    # aot_eager: traced and compiled through the same graph capture, no C++ compiler needed
+    out = run(capsys, "bench", "--model", str(comp), "--baseline", str(teacher),
+              "--batch-size", "2", "--seq-len", "16", "--repeats", "2", "--threads", "1",
+              "--compile", "aot_eager")
+    assert out["compile_backend"] == "aot_eager"
+    assert set(timed) == {"compressed", "baseline"}
+    assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in timed.values())
+    assert out["speedup"] == pytest.approx(out["baseline_latency_ms"] / out["latency_ms"])
+    assert out["params"] < out["baseline_params"]  # counted on the models, not the wrappers

@@ -1,0 +1,213 @@
+"""The kernels of :class:`pgb.grouped_linear.GroupedLinear`, and the custom op that runs
+them inside ``torch.compile`` graphs.
+
+All kernels map block-ordered input ``xb`` (N, in) to block-ordered output (N, out); the
+index maps around them belong to the layer. They read the block layout (``groups``,
+``ib``, ``ob``, the kept-block runs ...) from ``self``: :class:`BlockKernels` is a mixin
+shared by the layer and by :class:`BlockLayout`, the same layout without tensors.
+
+``torch.ops.pgb.grouped_mm`` wraps the fast CPU kernels as one opaque op, so that
+``torch.compile`` keeps them (and fuses the ops around them) instead of lowering the
+layer's differentiable reference path: on the 2-core CPU, that lowering made a compiled
+MiniLM-L6 at S = 0.875 ~1.4x slower than eager at batch 32 x 128, where oneDNN's grouped
+convolution runs each layer (``benchmarks/results/compile.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STRATEGIES = ("auto", "reference", "bands", "batched", "conv")
+
+# "auto" uses "batched" up to this many tokens (twice as many when the output is the
+# narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
+# Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384
+# tokens for 384->1536 and 384->384, ~512 for 1536->384.
+SMALL_TOKENS = 256
+
+_SCRATCH = threading.local()
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive ids as half-open ranges: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for k in ids:
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
+def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
+    """A (rows, cols) tensor for an intermediate of the fast kernels: per thread and slot,
+    one CPU buffer kept between calls and grown to the largest size seen (at 32 x 128
+    tokens and hidden 384: 6 MiB per slot); elsewhere (CUDA) a fresh tensor, since the
+    caching allocator already makes those cheap. ``release_scratch()`` frees the buffers."""
+    if like.device.type != "cpu":
+        return like.new_empty(rows, cols)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (slot, like.dtype)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buf = buffers[key] = torch.empty(rows * cols, dtype=like.dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are rebuilt on the next fast forward)."""
+    _SCRATCH.__dict__.pop("buffers", None)
+
+
+class BlockKernels:
+    """Kernels over a block layout held in ``self`` (see :meth:`set_layout`)."""
+
+    def set_layout(self, in_features: int, out_features: int, groups: int,
+                   kept: list[int]) -> None:
+        """Layout fields the kernels read; ``kept``: sorted distinct block ids."""
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.ib, self.ob = in_features // groups, out_features // groups
+        self._kept = list(kept)
+        # blocks are processed in runs of consecutive ids: one strided view per run
+        # (one run in the common all-kept case). kept run (k0, k1) holds weight[j0:j1].
+        self._kept_runs = [(self._kept.index(k0), k0, k1) for k0, k1 in _runs(self._kept)]
+        kept_set = set(self._kept)
+        self._dropped_runs = _runs([k for k in range(groups) if k not in kept_set])
+        self._all_kept = len(self._kept) == groups
+
+    def _fast_strategy(self, xb: Tensor, strategy: str) -> str:
+        """The fast kernel for ``strategy`` (not "reference") and input (N, in)."""
+        if strategy == "conv" and not self._all_kept:
+            return "bands"  # the convolution has no place for a dropped block
+        if strategy != "auto":
+            return strategy
+        # "bands" writes every block once, in place; "batched" adds a (Gk, N, ob)
+        # temporary and a transposing pass, which pays off at few tokens; oneDNN's
+        # grouped convolution beats both from a few hundred tokens up on the CPU.
+        small = SMALL_TOKENS * (2 if self.in_features > self.out_features else 1)
+        if xb.shape[0] <= small:
+            return "batched"
+        onednn = _ONEDNN and torch.backends.mkldnn.enabled  # off: conv2d's slow fallback
+        return "conv" if self._all_kept and xb.device.type == "cpu" and onednn else "bands"
+
+    def _run_fast(self, strategy: str, xb: Tensor, weight: Tensor, bias: Tensor | None,
+                  out: Tensor | None = None) -> Tensor:
+        """One fast kernel: "conv" allocates its output; the others write into ``out``
+        (N, out) when given, else into a fresh tensor."""
+        if strategy == "conv":
+            return self._forward_conv(xb, weight, bias)
+        kernel = self._forward_bands if strategy == "bands" else self._forward_batched
+        return kernel(xb, weight, bias, out)
+
+    def _forward_reference(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Differentiable, export-friendly path. (N, in) block order -> (N, out)."""
+        n, g, ob = xb.shape[0], self.groups, self.ob
+        if self._kept:
+            xv = xb.unflatten(1, (g, self.ib))  # (N, G, ib)
+            if len(self._kept) < g:
+                xv = xv.index_select(1, self.kept)  # (N, Gk, ib)
+            yk = torch.bmm(xv.transpose(0, 1), weight)  # (Gk, N, ob)
+            if len(self._kept) == g:
+                yb = yk.transpose(0, 1).reshape(n, self.out_features)
+            else:
+                zero = yk.new_zeros(n, ob)
+                band = dict(zip(self._kept, yk.unbind(0), strict=True))
+                yb = torch.cat([band.get(k, zero) for k in range(g)], dim=1)  # (N, out)
+        else:
+            yb = xb.new_zeros(n, self.out_features)
+        return yb if bias is None else yb + bias
+
+    def _forward_bands(self, xb: Tensor, weight: Tensor, bias: Tensor | None,
+                       y: Tensor | None = None) -> Tensor:
+        """bmm straight into the output bands, then one in-place bias add (into ``y``,
+        (N, out), when given)."""
+        n, g, ob = xb.shape[0], self.groups, self.ob
+        y = xb.new_empty(n, self.out_features) if y is None else y
+        xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
+        yv = y.view(n, g, ob).transpose(0, 1)  # (G, N, ob), a strided view of y
+        if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
+            torch.bmm(xv, weight, out=yv)
+            return y if bias is None else y.add_(bias)
+        for j0, k0, k1 in self._kept_runs:
+            # out= a strided view: CPU BLAS writes each block in place (ldc = out)
+            torch.bmm(xv[k0:k1], weight[j0:j0 + k1 - k0], out=yv[k0:k1])
+        for k0, k1 in self._dropped_runs:
+            yv[k0:k1].zero_()
+        return y if bias is None else y.add_(bias)
+
+    def _forward_batched(self, xb: Tensor, weight: Tensor, bias: Tensor | None,
+                         y: Tensor | None = None) -> Tensor:
+        """bmm into a (Gk, N, ob) temporary, then bias + transpose in one pass (into
+        ``y``, (N, out), when given)."""
+        n, g, ob = xb.shape[0], self.groups, self.ob
+        y = xb.new_empty(n, self.out_features) if y is None else y
+        xv = xb.view(n, g, self.ib).transpose(0, 1)  # (G, N, ib), a strided view
+        yv = y.view(n, g, ob)  # (N, G, ob)
+        bias = None if bias is None else bias.view(g, ob)
+        if self._all_kept:  # one run, no slicing (per-call overhead matters at few tokens)
+            yk = torch.bmm(xv, weight).transpose(0, 1)  # (N, G, ob)
+            if bias is None:
+                yv.copy_(yk)
+            else:
+                torch.add(yk, bias, out=yv)
+            return y
+        for j0, k0, k1 in self._kept_runs:
+            yk = torch.bmm(xv[k0:k1], weight[j0:j0 + k1 - k0])  # (run, N, ob)
+            yk = yk.transpose(0, 1)  # (N, run, ob)
+            if bias is None:
+                yv[:, k0:k1].copy_(yk)
+            else:
+                torch.add(yk, bias[k0:k1], out=yv[:, k0:k1])
+        for k0, k1 in self._dropped_runs:
+            if bias is None:
+                yv[:, k0:k1].zero_()
+            else:
+                yv[:, k0:k1].copy_(bias[k0:k1].expand(n, k1 - k0, ob))
+        return y
+
+    def _forward_conv(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """All blocks kept: a grouped 1x1 convolution over the tokens. (N, in) is viewed as
+        a channels-last (1, in, N, 1) image and the (1, out, N, 1) channels-last result
+        as (N, out), so neither side is copied; the bias is added inside."""
+        n = xb.shape[0]
+        weight = weight.transpose(1, 2).reshape(self.out_features, self.ib, 1, 1)
+        image = xb.view(1, n, 1, self.in_features).permute(0, 3, 1, 2)
+        out = F.conv2d(image, weight, bias, groups=self.groups)
+        return out.permute(0, 2, 3, 1).reshape(n, self.out_features)  # a channels-last view
+
+
+class BlockLayout(BlockKernels):
+    """A block layout with no tensors: the kernels of a layer, callable from the op."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int,
+                 kept: tuple[int, ...]) -> None:
+        self.set_layout(in_features, out_features, groups, list(kept))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(in_features: int, out_features: int, groups: int,
+            kept: tuple[int, ...]) -> BlockLayout:
+    return BlockLayout(in_features, out_features, groups, kept)
+
+
+@torch.library.custom_op("pgb::grouped_mm", mutates_args=())
+def grouped_mm(xb: Tensor, weight: Tensor, bias: Tensor | None, groups: int,
+               kept: list[int], strategy: str) -> Tensor:
+    """Block-ordered (N, in) -> (N, out) through the fast kernel ``strategy`` picks
+    (not "reference"), for ``weight`` (len(kept), in/G, out/G). No autograd: compiled
+    layers use it only when nothing needs a gradient."""
+    layout = _layout(xb.shape[1], groups * weight.shape[2], groups, tuple(kept))
+    return layout._run_fast(layout._fast_strategy(xb, strategy), xb, weight, bias).contiguous()
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(xb: Tensor, weight: Tensor, bias: Tensor | None, groups: int,
+                     kept: list[int], strategy: str) -> Tensor:
+    return xb.new_empty(xb.shape[0], groups * weight.shape[2])
