@@ -8,9 +8,10 @@ shared by the layer and by :class:`BlockLayout`, the same layout without tensors
 
 ``torch.ops.pgb.grouped_mm`` wraps the fast CPU kernels as one opaque op, so that
 ``torch.compile`` keeps them (and fuses the ops around them) instead of lowering the
-layer's differentiable reference path: on the 2-core CPU, that lowering made a compiled
-MiniLM-L6 at S = 0.875 ~1.4x slower than eager at batch 32 x 128, where oneDNN's grouped
-convolution runs each layer (``benchmarks/results/compile.md``).
+layer's differentiable reference path: on the 2-core CPU, that lowering made compiled
+MiniLM-L6 MRPC models 1.36x (S = 0.5) and 1.49x (S = 0.875) slower than eager at batch
+32 x 128, where eager runs oneDNN's grouped convolution
+(``benchmarks/results/compile_before_op.md``; with the op, ``compile.md``).
 """
 
 from __future__ import annotations
