@@ -266,7 +266,8 @@ class GroupedLinear(BlockKernels, nn.Module):
 
     def pick_strategy(self, xb: Tensor) -> str:
         """The kernel used for input `xb` (N, in): "reference" when autograd or export
-        needs it, else ``self.strategy``, where "auto" decides from N and the shape."""
+        needs it, "op" (``grouped_mm``) inside ``torch.compile``, else ``self.strategy``,
+        where "auto" decides from N and the shape."""
         return self._pick(xb, self.weight, self.bias)
 
     def _pick(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> str:
