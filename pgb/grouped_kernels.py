@@ -108,7 +108,9 @@ class BlockKernels:
         return kernel(xb, weight, bias, out)
 
     def _forward_reference(self, xb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """Differentiable, export-friendly path. (N, in) block order -> (N, out)."""
+        """Differentiable, export-friendly path. (N, in) block order -> (N, out). With
+        dropped blocks it also reads the layer's ``kept`` buffer (a tensor, so that export
+        traces it), which a :class:`BlockLayout` lacks: the layer's path only."""
         n, g, ob = xb.shape[0], self.groups, self.ob
         if self._kept:
             xv = xb.unflatten(1, (g, self.ib))  # (N, G, ib)
