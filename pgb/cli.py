@@ -123,6 +123,8 @@ def setup_logging(quiet: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    # progress milestones go to log.txt only: on a terminal the progress bars show them
+    handler.addFilter(lambda record: not record.name.startswith("pgb.progress"))
     root = logging.getLogger("pgb")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)  # the log file always gets INFO; --quiet only hushes stderr

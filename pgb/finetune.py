@@ -31,6 +31,9 @@ from .config import TrainConfig
 from .surgery import hidden_state_orders
 
 log = logging.getLogger(__name__)
+# Milestones of long loops: they reach log.txt in the output folder (for runs in the
+# background), not stderr, where the progress bar already shows them (pgb.cli).
+progress_log = logging.getLogger("pgb.progress")
 
 
 def set_seed(seed: int) -> None:
@@ -116,6 +119,7 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=state["step"], desc="training", disable=not progress or rank)
+    milestones = Milestones(steps, state["step"])
     while state["step"] < steps:
         epoch, offset = divmod(state["step"], per_epoch)
         batches = epoch_batches if epoch == 0 else make_batches(epoch)
@@ -127,6 +131,8 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
             state = {"step": state["step"] + 1, "loss": loss}
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if not rank:
+                milestones.update(state["step"], loss)
             if cfg.checkpoint_every and checkpoint_dir and \
                     state["step"] % cfg.checkpoint_every == 0 and rank == 0:
                 _save_checkpoint(checkpoint_dir, model, opt, sched, state, run)
@@ -134,6 +140,27 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
     model.eval()
     return {"steps": state["step"], "final_loss": state["loss"],
             "seconds": time.perf_counter() - start}
+
+
+class Milestones:
+    """Logs training at every tenth of the steps: mean loss since the last line, time left."""
+
+    def __init__(self, steps: int, start: int = 0, parts: int = 10) -> None:
+        self.steps, self.start, self.parts = steps, start, parts
+        self.t0 = time.perf_counter()
+        self.losses: list[float] = []
+
+    def update(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if step * self.parts // self.steps == (step - 1) * self.parts // self.steps:
+            return  # still inside the same tenth
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed / (step - self.start) * (self.steps - step)
+        progress_log.info("training step %d/%d (%.0f%%): loss %.4f (mean of the last %d), "
+                          "%.1f min elapsed, about %.1f min left", step, self.steps,
+                          100 * step / self.steps, sum(self.losses) / len(self.losses),
+                          len(self.losses), elapsed / 60, left / 60)
+        self.losses = []
 
 
 def _wrap(model: nn.Module) -> nn.Module:

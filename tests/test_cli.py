@@ -43,7 +43,12 @@ def test_finetune_writes_a_teacher(pipeline_dirs):
     assert record["task"] == "sst2" and record["train"]["steps"] == 4
     assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
     assert json.loads((teacher / "config.json").read_text())["pgb_task"] == "sst2"
-    assert (teacher / "log.txt").stat().st_size > 0
+    # a run in the background shows its progress in log.txt: one line per tenth (4 steps)
+    lines = (teacher / "log.txt").read_text().splitlines()
+    milestones = [line for line in lines if "pgb.progress" in line]
+    assert [m.split("training step ")[1].split(" ")[0] for m in milestones] == \
+        ["1/4", "2/4", "3/4", "4/4"]
+    assert "min left" in milestones[-1]
 
 
 def test_compress_writes_report_and_recipe(pipeline_dirs):
@@ -220,3 +225,18 @@ def test_bench_compile_times_compiled_models(pipeline_dirs, capsys, monkeypatch)
     assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in timed.values())
     assert out["speedup"] == pytest.approx(out["baseline_latency_ms"] / out["latency_ms"])
     assert out["params"] < out["baseline_params"]  # counted on the models, not the wrappers
+
+
+def test_progress_milestones_stay_off_the_terminal(capsys):
+    """Without -q the bars show progress: the milestone lines go to log.txt only."""
+    import logging
+
+    from pgb.cli import setup_logging
+    setup_logging(quiet=False)
+    try:
+        logging.getLogger("pgb.progress").info("training step 1/2")
+        logging.getLogger("pgb.commands").info("fine-tuning x")
+        err = capsys.readouterr().err
+        assert "fine-tuning x" in err and "training step" not in err
+    finally:
+        setup_logging(quiet=True)
