@@ -8,6 +8,7 @@ a missing tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -100,20 +101,60 @@ def load_task_model(name: str | None, task: Task) -> tuple[nn.Module, object, st
         return model, load_tokenizer(path), path
     config = load_config(path)
     tuned_for = getattr(config, "pgb_task", None)
+    head = "ForQuestionAnswering" if task.kind == "qa" else "ForSequenceClassification"
+    tuned = tuned_for is not None or any(head in a for a in config.architectures or [])
     kwargs = {}
     if task.kind != "qa":
-        heads = [a for a in (config.architectures or []) if "ForSequenceClassification" in a]
-        if tuned_for is not None or heads:  # a trained classifier: its head must fit
+        if tuned:  # a trained classifier: its head must fit
             check_task_fit(config, task, path)
         kwargs["num_labels"] = task.num_labels
         kwargs["problem_type"] = ("regression" if task.kind == "regression"
                                   else "single_label_classification")
     tokenizer = load_tokenizer(path)
     try:
-        model = auto_class(task).from_pretrained(path, **kwargs)
+        with _quiet_load_report():
+            model, info = auto_class(task).from_pretrained(path, output_loading_info=True,
+                                                           **kwargs)
     except OSError as err:  # e.g. a folder with config.json but no weights
         raise ValueError(f"cannot load model weights from {path!r}: {err}") from err
+    check_loaded_keys(model, info, path, tuned)
     return model, tokenizer, path
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers logs a key table for every checkpoint whose keys differ from the
+    model's (a base model under a new task head always does); check_loaded_keys says
+    what matters instead."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_loaded_keys(model: nn.Module, info: dict, path: str, tuned: bool) -> None:
+    """Refuse a fine-tuned checkpoint with weights missing (they would be random); name the
+    freshly initialised task head of a base model."""
+    missing = sorted(info.get("missing_keys") or [])
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    body = [k for k in missing if k.startswith(prefix) and ".pooler." not in k]
+    if missing and tuned:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4
+                                          else "")
+        raise ValueError(f"checkpoint {path!r} is fine-tuned for this task but lacks "
+                         f"weights: {shown}; it is incomplete or corrupted: fine-tune it "
+                         f"again (pgb finetune) or pass the complete folder")
+    if body:
+        log.warning("%s lacks %d encoder weights (%s ...): they start random", path,
+                    len(body), body[0])
+    if head := [k for k in missing if k not in body]:
+        log.info("new task head for %s: %s (random until fine-tuned)", path, ", ".join(head))
+    if info.get("unexpected_keys"):
+        log.info("%s: %d checkpoint weights not used by this task's model (%s ...)", path,
+                 len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[0])
 
 
 def check_task_fit(config, task: Task, where: str) -> None:

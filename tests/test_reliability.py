@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import random_scores, save_tiny_bert, tiny_batch, tiny_config, tiny_model
 
 import pgb.finetune
@@ -319,6 +320,30 @@ def test_damaged_pgb_folder_is_refused(reference, data_dir, tmp_path, capsys, da
         recipe.write_text('{"version": 1, "sublay')
     fails(capsys, ["evaluate", "--model", str(folder), "--task", "sst2", "--data-dir",
                    str(data_dir), "--max-samples", "4"], message)
+
+
+@pytest.mark.parametrize("drop", ["classifier.weight", "bert.encoder.layer.1.output.dense.bias"])
+def test_teacher_missing_weights_is_refused(teacher, data_dir, tmp_path, capsys, drop):
+    """transformers would start the lost weights at random and only log a warning."""
+    folder = tmp_path / "teacher"
+    shutil.copytree(teacher[0], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights[drop]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    err = fails(capsys, ["evaluate", "--model", str(folder), "--task", "sst2", "--data-dir",
+                         str(data_dir), "--max-samples", "4"],
+                rf"is fine-tuned for this task but lacks weights: {re.escape(drop)}")
+    assert "LOAD REPORT" not in err
+
+
+def test_base_model_names_its_new_head_without_transformers_table(tiny_dir, caplog, capsys):
+    from pgb.modeling import load_task_model
+    from pgb.tasks import get_task
+    with caplog.at_level(logging.INFO, logger="pgb"):
+        load_task_model(str(tiny_dir), get_task("squad"))
+    assert "LOAD REPORT" not in capsys.readouterr().err
+    assert any("new task head" in r.message and "qa_outputs.weight" in r.message
+               for r in caplog.records)
 
 
 def test_missing_tokenizer_is_refused(teacher, data_dir, tmp_path, capsys):
