@@ -35,6 +35,19 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regression", action="store_true", help="custom task: numeric labels")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-eval-samples", type=_positive_int,
+                   help="score dev metrics on a seeded subset of this many examples (for "
+                        "large dev sets: SQuAD has 10,570 questions)")
+
+
 def _out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -91,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a task teacher")
     p.add_argument("--model", help="checkpoint folder or hub id (default: packaged MiniLM-L6)")
     _task_args(p)
+    _eval_args(p)
     _out_args(p)
     _train_args(p)
     p = sub.add_parser("evaluate", help="dev metrics of a model (JSON on the last line)")
@@ -102,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a fine-tuned teacher")
     p.add_argument("--model", required=True, help="the fine-tuned teacher folder")
     _task_args(p)
+    _eval_args(p)
     _out_args(p)
     _compress_args(p)
     p = sub.add_parser("run", help="fine-tune (if needed), compress, evaluate, summarise")
     p.add_argument("--model", help="base or fine-tuned model (default: packaged MiniLM-L6)")
     _task_args(p)
+    _eval_args(p)
     _out_args(p)
     _compress_args(p)
     p.add_argument("--teacher-epochs", type=float, default=3.0)

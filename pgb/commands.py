@@ -115,7 +115,8 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
                      progress=not args.quiet)
         if tmp is None:  # not rank 0: nothing to score or write
             return None
-        metrics = evaluate(model, task, tok, args.data_dir, files=files, progress=not args.quiet)
+        metrics = evaluate(model, task, tok, args.data_dir, files=files,
+                           max_samples=args.max_eval_samples, progress=not args.quiet)
         model.config.pgb_task = task.name
         if task.label_names and task.kind == "classification":
             model.config.id2label = dict(enumerate(task.label_names))
@@ -124,6 +125,7 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
         tok.save_pretrained(tmp)
         record = {"task": task.name, "model": path, "metrics": metrics, "train": info,
                   "config": cfg.to_dict(), "max_train_samples": args.max_train_samples,
+                  "max_eval_samples": args.max_eval_samples,
                   "max_length": args.max_length, "train_features": len(data.train),
                   "versions": _versions(), "command": " ".join(["pgb", *sys.argv[1:]])}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
@@ -165,7 +167,8 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
     teacher.to(dist.device())
     data = TaskData(task, tok, args.data_dir, files, cfg.max_length,
                     max_samples=cfg.max_train_samples, seed=cfg.seed)
-    data.teacher_metrics = _known_metrics(path, task)
+    data.max_eval_samples = args.max_eval_samples
+    data.teacher_metrics = _known_metrics(path, task, args.max_eval_samples)
     resume_dir = out.parent / f".{out.name}.resume"
     with _main_rank_folder(out, args.overwrite) as tmp:
         result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
@@ -209,14 +212,17 @@ def _main_rank_folder(out: Path, overwrite: bool):
     dist.barrier()
 
 
-def _known_metrics(teacher_path: str, task) -> dict | None:
-    """The teacher's dev metrics from its pgb metrics.json (same task, default split)."""
+def _known_metrics(teacher_path: str, task, max_eval_samples: int | None = None) -> dict | None:
+    """The teacher's dev metrics from its pgb metrics.json (same task, default split, same
+    dev subset)."""
     record = Path(teacher_path) / "metrics.json"
     try:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
     if data.get("task") != task.name or task.name == "custom" or "metrics" not in data:
+        return None
+    if data.get("max_eval_samples") != max_eval_samples:  # scored on another dev subset
         return None
     log.info("teacher metrics taken from %s", record)
     return data["metrics"]

@@ -139,7 +139,8 @@ def dev_metrics(model: nn.Module, task: Task, tokenizer, data: TaskData,
     """Dev metrics of ``model`` (None on ranks other than 0: rank 0 scores, the others wait)."""
     if not is_main():
         return None
-    return evaluate(model, task, tokenizer, data.data_dir, files=data.files, progress=progress)
+    return evaluate(model, task, tokenizer, data.data_dir, files=data.files,
+                    max_samples=data.max_eval_samples, progress=progress)
 
 
 def add_metrics(report: dict, teacher, student, task: Task, tokenizer, data: TaskData,

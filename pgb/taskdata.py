@@ -24,6 +24,7 @@ class TaskData:
         self.length = max(max_length, 384) if task.kind == "qa" else max_length
         self.train_df = df
         self.teacher_metrics: dict | None = None  # known dev metrics of the teacher, if any
+        self.max_eval_samples: int | None = None  # dev metrics on a seeded subset of this size
         self._train: EncodedSplit | None = None
         self._samples: dict[tuple[int, int], EncodedSplit] = {}  # calibration samples
 

@@ -240,3 +240,25 @@ def test_progress_milestones_stay_off_the_terminal(capsys):
         assert "fine-tuning x" in err and "training step" not in err
     finally:
         setup_logging(quiet=True)
+
+
+def test_dev_subset_scores_teacher_and_result_on_the_same_examples(pipeline_dirs, shared_data,
+                                                                   tmp_path, capsys):
+    """--max-eval-samples: the teacher's metrics.json (whole dev split) is not reused."""
+    teacher, _ = pipeline_dirs
+    out = tmp_path / "subset"
+    run(capsys, "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
+        str(shared_data), "--out", str(out), "--sparsity", "0.5", "--calib-samples", "32",
+        "--no-refinetune", "--max-eval-samples", "40")
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["samples"] == report["teacher_metrics"]["samples"] == 40
+    whole = json.loads((teacher / "metrics.json").read_text())["metrics"]["samples"]
+    assert whole == 872
+
+
+def test_max_eval_samples_must_be_positive(tiny_dir, shared_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["-q", "finetune", "--model", str(tiny_dir), "--task", "sst2", "--out",
+              str(tmp_path / "t"), "--max-eval-samples", "0"])
+    assert "--max-eval-samples: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
