@@ -26,7 +26,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from tqdm.auto import tqdm
 
 from pgb.data import load_split
-from pgb.features import EncodedSplit, encode, make_loader
+from pgb.features import EncodedSplit, encode, length_order, make_loader
 from pgb.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,11 @@ def _evaluate_encoded(model, encoded: EncodedSplit, batch_size: int, device, des
                       progress: bool) -> dict[str, float]:
     task = encoded.task
     outputs: list[list[np.ndarray]] = [[], []]
-    for batch in tqdm(make_loader(encoded, batch_size), desc=desc, disable=not progress):
+    # batches of similar lengths carry little padding (SQuAD windows: 384 tokens at most,
+    # many far shorter); predictions go back to feature order below
+    order = length_order(encoded)
+    loader = make_loader(encoded, batch_size, order=order)
+    for batch in tqdm(loader, desc=desc, disable=not progress):
         batch = {k: v.to(device) for k, v in batch.items() if k not in MODEL_TARGETS}
         out = model(**batch)
         if task.kind == "qa":  # keep one row per feature: widths differ between batches
@@ -226,8 +230,14 @@ def _evaluate_encoded(model, encoded: EncodedSplit, batch_size: int, device, des
             pred = logits[:, 0] if task.kind == "regression" else logits.argmax(-1)
             outputs[0].append(pred.numpy())
     if task.kind == "qa":
-        answers = postprocess_qa(encoded, outputs[0], outputs[1], v2=task.squad_v2)
+        starts, ends = [None] * len(order), [None] * len(order)
+        for row, i in enumerate(order):
+            starts[i], ends[i] = outputs[0][row], outputs[1][row]
+        answers = postprocess_qa(encoded, starts, ends, v2=task.squad_v2)
         metrics = squad_metrics(answers, encoded.answers, v2=task.squad_v2)
     else:
-        metrics = compute_metrics(task, np.concatenate(outputs[0]), encoded.labels)
+        sorted_preds = np.concatenate(outputs[0])
+        preds = np.empty_like(sorted_preds)
+        preds[order] = sorted_preds
+        metrics = compute_metrics(task, preds, encoded.labels)
     return {**metrics, "samples": encoded.num_examples}

@@ -228,16 +228,26 @@ class PadCollator:
 
 
 def make_loader(
-    encoded: EncodedSplit, batch_size: int, shuffle: bool = False, seed: int = 0
+    encoded: EncodedSplit, batch_size: int, shuffle: bool = False, seed: int = 0,
+    order: Sequence[int] | None = None,
 ) -> DataLoader:
     """A DataLoader of model-ready dict batches (``model(**batch)``), padded per batch.
 
     With ``shuffle=True`` the order comes from a ``torch.Generator`` seeded with ``seed``:
-    the same seed gives the same sequence of epochs.
+    the same seed gives the same sequence of epochs. ``order`` instead gives the feature
+    order explicitly (``length_order``: batches with little padding).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle and order is not None:
+        raise ValueError("pass shuffle=True or an order, not both")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(_Features(encoded.inputs), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator,
+                      generator=generator, sampler=None if order is None else list(order),
                       collate_fn=PadCollator(encoded.pad_token_id, encoded.padding_side))
+
+
+def length_order(encoded: EncodedSplit) -> np.ndarray:
+    """Feature indices sorted by token count (stable): batches of similar lengths, so
+    little padding to compute on."""
+    return np.argsort([len(ids) for ids in encoded.inputs["input_ids"]], kind="stable")

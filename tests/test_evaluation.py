@@ -23,7 +23,7 @@ from pgb.evaluation import (
     postprocess_qa,
     squad_metrics,
 )
-from pgb.features import encode, make_loader
+from pgb.features import encode, length_order, make_loader
 from pgb.tasks import custom_task, get_task
 
 
@@ -231,3 +231,40 @@ def test_evaluate_regression_and_qa(tokenizer, shared_data):
                    progress=False)
     assert set(out) == {"exact_match", "f1", "samples"} and out["samples"] == 4
     assert 0.0 <= out["exact_match"] <= out["f1"] <= 100.0
+
+
+def test_length_ordered_batches_give_the_in_order_predictions(tokenizer, shared_data,
+                                                              monkeypatch):
+    """evaluate() batches by length (little padding) and must put every prediction back on
+    its own example: compare with a plain in-order loop, one example per batch."""
+    import pgb.evaluation
+    torch.manual_seed(1)
+    task = get_task("stsb")
+    model = BertForSequenceClassification(tiny_config(tokenizer, 1)).eval()
+    df = load_split(task, "validation", data_dir=shared_data, max_samples=50)
+    enc = encode(task, df, tokenizer)
+    assert not np.array_equal(length_order(enc), np.arange(50))  # the order does change
+    with torch.no_grad():
+        preds = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits[:, 0]
+                           for b in make_loader(enc, 1)]).numpy()
+    seen = []
+    monkeypatch.setattr(pgb.evaluation, "compute_metrics",
+                        lambda t, p, labels: seen.append(p) or compute_metrics(t, p, labels))
+    evaluate(model, task, tokenizer, data_dir=shared_data, max_samples=50, batch_size=8,
+             progress=False)
+    np.testing.assert_allclose(seen[0], preds, atol=1e-5)
+
+    qa_task = get_task("squad")
+    qa = BertForQuestionAnswering(tiny_config(tokenizer)).eval()
+    qdf = load_split(qa_task, "validation", data_dir=shared_data, max_samples=12)
+    qenc = encode(qa_task, qdf, tokenizer, max_length=384, train=False, doc_stride=128)
+    with torch.no_grad():
+        outs = [qa(**b) for b in make_loader(qenc, 1)]
+    answers = postprocess_qa(qenc, [o.start_logits[0].numpy() for o in outs],
+                             [o.end_logits[0].numpy() for o in outs])
+    expected = squad_metrics(answers, qenc.answers)
+    out = evaluate(qa, qa_task, tokenizer, data_dir=shared_data, max_samples=12, batch_size=5,
+                   progress=False)
+    assert (out["exact_match"], out["f1"]) == pytest.approx(
+        (expected["exact_match"], expected["f1"]), abs=1e-6)
+    assert expected["f1"] > 0  # the comparison can fail: a shuffled answer scores differently
