@@ -126,7 +126,7 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
         record = {"task": task.name, "model": path, "metrics": metrics, "train": info,
                   "config": cfg.to_dict(), "max_train_samples": args.max_train_samples,
                   "max_eval_samples": args.max_eval_samples,
-                  "max_length": args.max_length, "train_features": len(data.train),
+                  "max_length": data.length, "train_features": len(data.train),
                   "versions": _versions(), "command": " ".join(["pgb", *sys.argv[1:]])}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
     log.info("teacher saved to %s: %s", out, metrics)

@@ -41,6 +41,7 @@ def test_finetune_writes_a_teacher(pipeline_dirs):
     teacher, _ = pipeline_dirs
     record = json.loads((teacher / "metrics.json").read_text())
     assert record["task"] == "sst2" and record["train"]["steps"] == 4
+    assert record["max_length"] == 128  # the window length used (QA: at least 384)
     assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
     assert json.loads((teacher / "config.json").read_text())["pgb_task"] == "sst2"
     # a run in the background shows its progress in log.txt: one line per tenth (4 steps)
