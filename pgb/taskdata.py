@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data import load_split
-from .features import EncodedSplit, encode, make_loader
+from .features import EncodedSplit, encode, length_order, make_loader
 from .tasks import Task
 
 
@@ -54,8 +54,7 @@ class TaskData:
             self._samples[key] = self._sample(samples, seed)
         sub = self._samples[key]
         if by_length:
-            order = np.argsort([len(ids) for ids in sub.inputs["input_ids"]], kind="stable")
-            sub = _subset(sub, order)
+            sub = _subset(sub, length_order(sub))
         return list(make_loader(sub, batch_size=batch_size, shuffle=False))
 
     def _sample(self, samples: int, seed: int) -> EncodedSplit:
