@@ -34,7 +34,7 @@ from .arch import MATRICES, SUBLAYERS, dims_of, get_matrix
 from .checkpoint import round_embeddings
 from .config import CompressConfig
 from .flops import count_params, flops
-from .pipeline import CompressResult, _Clock, add_metrics, dev_metrics, refinetune
+from .pipeline import CompressResult, _Clock, add_metrics, dev_metrics, refinetune, shared_stage
 from .structured import Structure, mask_fisher, rescale, select, shrink
 from .taskdata import TaskData
 from .tasks import Task
@@ -44,8 +44,12 @@ log = logging.getLogger(__name__)
 
 def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig,
                       data: TaskData, *, evaluate_models: bool = True, progress: bool = True,
-                      checkpoint_dir=None, resume: bool = False) -> CompressResult:
-    """Compress ``teacher`` with baseline ``cfg.method``; the teacher is left untouched."""
+                      checkpoint_dir=None, resume: bool = False, shared: dict | None = None
+                      ) -> CompressResult:
+    """Compress ``teacher`` with baseline ``cfg.method``; the teacher is left untouched.
+
+    ``shared``: see ``pgb.pipeline.run_method`` (structured's mask Fisher is reused).
+    """
     if cfg.method not in ("magnitude", "structured"):
         raise ValueError(f"compress_baseline runs methods 'magnitude' and 'structured', got "
                          f"{cfg.method!r}; use pgb.pipeline.compress for 'pgb'")
@@ -58,7 +62,7 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
         masks, report = _magnitude(student, teacher, cfg, clock)
         held = masks_held(student, masks)
     else:
-        report = _structured(student, teacher, cfg, data, clock, progress)
+        report = _structured(student, teacher, cfg, data, clock, progress, shared)
         held = contextlib.nullcontext()
     with held:
         before = dev_metrics(student, task, tokenizer, data, progress) \
@@ -160,11 +164,13 @@ def _magnitude(student, teacher, cfg: CompressConfig, clock) -> tuple[dict, dict
 # ---------------------------------------------------------------- structured
 
 
-def _structured(student, teacher, cfg: CompressConfig, data, clock, progress) -> dict:
+def _structured(student, teacher, cfg: CompressConfig, data, clock, progress,
+                shared: dict | None = None) -> dict:
     """Kwon et al. 2022 on ``student`` in place (see ``pgb.structured``); report entries."""
     calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
-    with clock("importance"):
-        head_fisher, neuron_fisher = mask_fisher(student, calib, progress)
+    with clock("importance"):  # the student is still the teacher's copy here
+        head_fisher, neuron_fisher = shared_stage(shared, "mask_fisher",
+                                                  lambda: mask_fisher(student, calib, progress))
     with clock("grouping"):
         structure = select(head_fisher, neuron_fisher, dims_of(student), cfg.sparsity,
                            student.config.model_type)

@@ -27,6 +27,7 @@ from transformers import AutoConfig
 from . import __version__
 from .arch import dims_of
 from .config import EMBEDDING_DTYPES
+from .modeling import check_not_sweep
 from .recipe import Recipe
 from .surgery import to_compact
 
@@ -94,6 +95,7 @@ def load(folder: str | Path) -> nn.Module:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"no pgb model folder at {folder}")
+    check_not_sweep(folder)
     if (folder / "structure.json").is_file():  # the structured baseline (heads/neurons)
         from .structured import load_structured
 

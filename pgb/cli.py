@@ -42,6 +42,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sparsities(text: str) -> list[float]:
+    """``0.5`` or a sweep ``0.5,0.75,0.875`` (range checked by CompressConfig)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or comma-separated numbers such as 0.5,0.875, got {text!r}"
+        ) from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a sparsity appears twice in {text!r}")
+    return values
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-eval-samples", type=_positive_int,
                    help="score dev metrics on a seeded subset of this many examples (for "
@@ -64,8 +77,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sparsity", type=float, required=True,
-                   help="fraction of encoder linear weights to remove, in [0, 1)")
+    p.add_argument("--sparsity", type=_sparsities, required=True,
+                   help="fraction of encoder linear weights to remove, in [0, 1); several "
+                        "comma-separated values (0.5,0.75,0.875) make a sweep: importance "
+                        "and grouping search run once, OUT gets one folder per sparsity")
     p.add_argument("--method", default="pgb", help="pgb, magnitude or structured")
     p.add_argument("--calib-samples", type=int, default=1024)
     p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")

@@ -9,11 +9,13 @@ result, the other ranks return None.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -133,9 +135,15 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
     return metrics
 
 
-def compress_config(args) -> CompressConfig:
+def compress_configs(args) -> list[CompressConfig]:
+    """One config per --sparsity value (several: a sweep)."""
+    first = compress_config(args, args.sparsity[0])
+    return [dataclasses.replace(first, sparsity=s) for s in args.sparsity]
+
+
+def compress_config(args, sparsity: float) -> CompressConfig:
     return CompressConfig(
-        sparsity=args.sparsity, method=args.method, calib_samples=args.calib_samples,
+        sparsity=sparsity, method=args.method, calib_samples=args.calib_samples,
         importance=args.importance, permute=not args.no_permutation,
         uniform_groups=args.uniform_groups, shared_order=args.shared_order,
         allow_drop=not args.no_drop,
@@ -148,19 +156,30 @@ def compress_config(args) -> CompressConfig:
 
 
 def cmd_compress(args) -> dict:
-    cfg = compress_config(args)
+    cfgs = compress_configs(args)
     # --resume does not imply --overwrite: OUT only appears once a run finished, so an
     # existing OUT is a finished result that resuming must not silently replace
     out = check_output(args.out, args.overwrite, inputs=(args.model,))
-    return compress_teacher(args, cfg, out, args.model)
+    return compress_teacher(args, cfgs, out, args.model)
 
 
-def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) -> dict:
-    """Compress the teacher at ``teacher_path`` and write the compact folder at ``out``."""
-    from .checkpoint import save_compact
+def sweep_folder(sparsity: float) -> str:
+    """Name of one budget's folder inside a sweep's OUT: ``s0.5``, ``s0.875``."""
+    return f"s{sparsity:g}"
+
+
+def compress_teacher(args, cfgs: list[CompressConfig], out: Path, teacher_path: str) -> dict:
+    """Compress the teacher at ``teacher_path`` and write the compact folder at ``out``.
+
+    Several configs (a sparsity sweep) write ``out/s<S>/`` each plus ``out/sweep.json``,
+    and return ``{"sweep": [summary per budget], "seconds": total}``.
+    """
     from .modeling import load_task_model
-    from .pipeline import run_method
+    from .pipeline import compress_sweep
     from .taskdata import TaskData
+
+    cfg = cfgs[0]
+    sweep = len(cfgs) > 1
 
     task, files = task_from_args(args)
     teacher, tok, path = load_task_model(teacher_path, task)
@@ -170,27 +189,49 @@ def compress_teacher(args, cfg: CompressConfig, out: Path, teacher_path: str) ->
     data.max_eval_samples = args.max_eval_samples
     data.teacher_metrics = _known_metrics(path, task, args.max_eval_samples)
     resume_dir = out.parent / f".{out.name}.resume"
+    names = [sweep_folder(c.sparsity) for c in cfgs] if sweep else [None]
+    start = time.perf_counter()
     with _main_rank_folder(out, args.overwrite) as tmp:
-        result = run_method(teacher, tok, task, cfg, data, progress=not args.quiet,
-                            checkpoint_dir=resume_dir,
-                            resume=args.resume)
-        if tmp is None:  # not rank 0: rank 0 writes the folder
+        results = compress_sweep(teacher, tok, task, cfgs, data, progress=not args.quiet,
+                                 checkpoint_dirs=[resume_dir / n if n else resume_dir
+                                                  for n in names], resume=args.resume)
+        summaries = []
+        for name, c, result in zip(names, cfgs, results, strict=True):
+            if tmp is None:  # not rank 0: rank 0 writes the folder
+                continue
+            if name:
+                log.info("sparsity %g done: %s", c.sparsity, result.report.get("metrics"))
+            result.report.update({"teacher": path, "versions": _versions(),
+                                  "command": " ".join(["pgb", *sys.argv[1:]]),
+                                  "world_size": dist.world()})
+            folder = tmp / name if name else tmp
+            folder.mkdir(exist_ok=True)
+            _save_result(result, tok, folder, task, c)
+            summaries.append(_summary(result.report))
+        if tmp is None:
             return None
-        result.report.update({"teacher": path, "versions": _versions(),
-                              "command": " ".join(["pgb", *sys.argv[1:]]),
-                              "world_size": dist.world()})
-        if hasattr(result.model, "pgb_recipe"):
-            save_compact(result.model, tok, tmp)
-        elif hasattr(result.model, "pgb_structure"):
-            from .structured import save_structured
-
-            save_structured(result.model, tok, tmp)
-        else:
-            _save_plain(result.model, tok, tmp, task)
-        (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
-        (tmp / "config.pgb.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        seconds = time.perf_counter() - start
+        if sweep:
+            record = {"sweep": summaries, "folders": names, "seconds": seconds}
+            (tmp / "sweep.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(resume_dir, ignore_errors=True)  # the output is in place: nothing to resume
-    return _summary(result.report)
+    return record if sweep else summaries[0]
+
+
+def _save_result(result, tok, folder: Path, task, cfg: CompressConfig) -> None:
+    """The model in the format of its method, its report.json and config.pgb.json."""
+    from .checkpoint import save_compact
+
+    if hasattr(result.model, "pgb_recipe"):
+        save_compact(result.model, tok, folder)
+    elif hasattr(result.model, "pgb_structure"):
+        from .structured import save_structured
+
+        save_structured(result.model, tok, folder)
+    else:
+        _save_plain(result.model, tok, folder, task)
+    (folder / "report.json").write_text(json.dumps(result.report, indent=2))
+    (folder / "config.pgb.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
 @contextlib.contextmanager
@@ -247,7 +288,7 @@ def cmd_run(args) -> dict:
 
     task, _ = task_from_args(args)
     out = check_output(args.out, args.overwrite, inputs=(args.model,))
-    cfg = compress_config(args)
+    cfgs = compress_configs(args)
     teacher = args.model
     if teacher is None or not is_tuned_for(teacher, task):
         teacher_dir = out.parent / f"{out.name}-teacher"
@@ -261,15 +302,17 @@ def cmd_run(args) -> dict:
             finetune_teacher(args, tcfg, check_output(teacher_dir, args.overwrite))
             args.max_train_samples = args.max_train_samples_backup
         teacher = str(teacher_dir)
-    summary = compress_teacher(args, cfg, out, teacher)
+    summary = compress_teacher(args, cfgs, out, teacher)
     if summary is not None:  # None on the ranks other than 0
-        _print_side_by_side(summary)
+        for one in summary.get("sweep", [summary]):
+            _print_side_by_side(one)
     return summary
 
 
 def _print_side_by_side(s: dict) -> None:
     t, m = s.get("teacher_metrics", {}), s.get("metrics", {})
-    rows = [("params", s.get("params_before"), s.get("params_after")),
+    rows = [("sparsity", 0.0, s.get("target_sparsity")),
+            ("params", s.get("params_before"), s.get("params_after")),
             ("encoder FLOPs (rel.)", 1.0, round(s.get("flops_ratio", float("nan")), 3))]
     rows += [(k, round(t[k], 4), round(m.get(k, float("nan")), 4)) for k in t if k in m
              and k != "samples"]

@@ -40,6 +40,7 @@ def resolve_model(name: str | None) -> str:
         return default_model()
     path = Path(name).expanduser()
     if path.exists():
+        check_not_sweep(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {path} has no config.json; pass a Hugging Face "
                              "checkpoint folder (config.json + weights) or a pgb output folder")
@@ -49,6 +50,15 @@ def resolve_model(name: str | None) -> str:
                          + (" and the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "")
                          + "; pass the path of a downloaded checkpoint folder")
     return name
+
+
+def check_not_sweep(folder: Path) -> None:
+    """A sparsity sweep's OUT holds one model per budget, not a model: say which to pass."""
+    record = folder / "sweep.json"
+    if record.is_file():
+        subs = sorted(p.name for p in folder.iterdir() if (p / "report.json").is_file())
+        raise ValueError(f"{folder} is a sparsity sweep (sweep.json), not one model; pass one "
+                         f"of its folders: {', '.join(str(folder / s) for s in subs)}")
 
 
 def _offline() -> bool:
@@ -125,14 +135,19 @@ def load_task_model(name: str | None, task: Task) -> tuple[nn.Module, object, st
 def _quiet_load_report():
     """transformers logs a key table for every checkpoint whose keys differ from the
     model's (a base model under a new task head always does); check_loaded_keys says
-    what matters instead."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    what matters instead. transformers 5 checks a tensor-parallel plan whenever that
+    logger is this quiet, and warns "The following layers were not sharded" for every
+    plain load; that logger is hushed as well."""
+    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils",
+                                              "transformers.distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def check_loaded_keys(model: nn.Module, info: dict, path: str, tuned: bool) -> None:

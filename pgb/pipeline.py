@@ -50,9 +50,14 @@ class CompressResult:
 
 
 def search_groupings(scores: dict[str, torch.Tensor], model: nn.Module, cfg: CompressConfig,
-                     progress: bool = True) -> dict:
-    """Grouping search for every sublayer and candidate group count."""
+                     progress: bool = True, cache: dict | None = None) -> dict:
+    """Grouping search for every sublayer and candidate group count.
+
+    ``cache`` (a dict, filled here) keeps each search by sublayer and G, so the budgets of a
+    sweep search every (sublayer, G) once: the search does not depend on the sparsity.
+    """
     dims, spec = dims_of(model), get_arch(model)
+    cache = {} if cache is None else cache
     out = {}
     units = [(layer, kind) for layer in range(dims.layers) for kind in SUBLAYERS]
     for layer, kind in tqdm(units, desc="grouping", disable=not progress):
@@ -61,42 +66,87 @@ def search_groupings(scores: dict[str, torch.Tensor], model: nn.Module, cfg: Com
         if cfg.uniform_groups:
             cands = [g for g in cands if g == cfg.uniform_g()]
         heads = dims.heads if kind == "attn" else None
-        out[(layer, kind)] = {g: search_sublayer(sc, g, heads=heads,
-                                                 fixed_head_order=spec.fixed_head_order,
-                                                 iters=cfg.search_iters, permute=cfg.permute,
-                                                 shared_outer=cfg.shared_order)
-                              for g in cands}
+        for g in cands:
+            if (layer, kind, g) not in cache:
+                cache[(layer, kind, g)] = search_sublayer(
+                    sc, g, heads=heads, fixed_head_order=spec.fixed_head_order,
+                    iters=cfg.search_iters, permute=cfg.permute, shared_outer=cfg.shared_order)
+        out[(layer, kind)] = {g: cache[(layer, kind, g)] for g in cands}
     return out
 
 
+def shared_key(cfg: CompressConfig) -> tuple:
+    """What the sparsity-independent stages depend on: budgets of a sweep may share them
+    only when these settings agree (``compress_sweep`` checks it)."""
+    fields = ("method", "calib_samples", "calib_batch_size", "importance", "normalize",
+              "permute", "shared_order", "max_groups", "search_iters", "max_length", "seed")
+    return tuple(getattr(cfg, f) for f in fields)
+
+
+def shared_stage(shared: dict | None, name: str, compute):
+    """``compute()``, or its value from an earlier budget of the same sweep (``shared``)."""
+    if shared is None:
+        return compute()
+    if name not in shared:
+        shared[name] = compute()
+    return shared[name]
+
+
 def run_method(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, data: TaskData,
-               progress: bool = True, checkpoint_dir=None, resume: bool = False
-               ) -> CompressResult:
-    """Compress with ``cfg.method`` (pgb or a baseline); resumable re-finetuning."""
+               progress: bool = True, checkpoint_dir=None, resume: bool = False,
+               shared: dict | None = None) -> CompressResult:
+    """Compress with ``cfg.method`` (pgb or a baseline); resumable re-finetuning.
+
+    ``shared``: a dict that carries the sparsity-independent stages (importance scores,
+    grouping searches, structured's mask Fisher) from one budget of a sweep to the next.
+    """
     if cfg.method == "pgb":
         return compress(teacher, tokenizer, task, cfg, data, progress=progress,
-                        checkpoint_dir=checkpoint_dir, resume=resume)
+                        checkpoint_dir=checkpoint_dir, resume=resume, shared=shared)
     from .baselines import compress_baseline
 
     return compress_baseline(teacher, tokenizer, task, cfg, data, progress=progress,
-                             checkpoint_dir=checkpoint_dir, resume=resume)
+                             checkpoint_dir=checkpoint_dir, resume=resume, shared=shared)
+
+
+def compress_sweep(teacher: nn.Module, tokenizer, task: Task, cfgs: list[CompressConfig],
+                   data: TaskData, progress: bool = True, checkpoint_dirs=None,
+                   resume: bool = False):
+    """Compress at several budgets, computing the sparsity-independent stages once.
+
+    Yields one ``CompressResult`` per config, in order; the configs must differ only in
+    their sparsity. The teacher is scored once. Each report's ``stage_seconds`` holds what
+    that budget spent itself (the reused stages show only the allocation's share).
+    """
+    if len({shared_key(c) for c in cfgs}) != 1:
+        raise ValueError("the budgets of a sweep must share every setting but the sparsity")
+    shared: dict = {}
+    for i, cfg in enumerate(cfgs):
+        result = run_method(teacher, tokenizer, task, cfg, data, progress=progress,
+                            checkpoint_dir=checkpoint_dirs[i] if checkpoint_dirs else None,
+                            resume=resume, shared=shared)
+        if data.teacher_metrics is None and "teacher_metrics" in result.report:
+            data.teacher_metrics = result.report["teacher_metrics"]  # score it once
+        yield result
 
 
 def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, data: TaskData,
              evaluate_models: bool = True, progress: bool = True, checkpoint_dir=None,
-             resume: bool = False) -> CompressResult:
-    """Compress a fine-tuned ``teacher`` with PGB; the teacher is left untouched."""
+             resume: bool = False, shared: dict | None = None) -> CompressResult:
+    """Compress a fine-tuned ``teacher`` with PGB; the teacher is left untouched.
+
+    ``shared``: see ``run_method`` (scores and grouping searches reused across budgets).
+    """
     teacher.eval()
     seconds: dict[str, float] = {}
     clock = _Clock(seconds)
     # every rank holds the whole sample; importance and compensation each take their shard
     calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
     with clock("importance"):
-        scores = importance_scores(teacher, calib, cfg.importance, progress)
-        if cfg.normalize == "mean":
-            scores = {n: s / s.mean().clamp_min(1e-30) for n, s in scores.items()}
+        scores = shared_stage(shared, "scores", lambda: _scores(teacher, calib, cfg, progress))
     with clock("grouping"):
-        groupings = search_groupings(scores, teacher, cfg, progress)
+        searches = shared_stage(shared, "searches", dict)
+        groupings = search_groupings(scores, teacher, cfg, progress, cache=searches)
         recipe = allocate(groupings, dims_of(teacher), teacher.config.model_type, cfg.sparsity,
                           uniform=cfg.uniform_g() if cfg.uniform_groups else None,
                           allow_drop=cfg.allow_drop and not cfg.uniform_groups,
@@ -132,6 +182,14 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     if evaluate_models:
         add_metrics(report, teacher, student, task, tokenizer, data, progress, before)
     return CompressResult(student, report)
+
+
+def _scores(teacher: nn.Module, calib: list[dict], cfg: CompressConfig, progress: bool
+            ) -> dict[str, torch.Tensor]:
+    scores = importance_scores(teacher, calib, cfg.importance, progress)
+    if cfg.normalize == "mean":
+        scores = {n: s / s.mean().clamp_min(1e-30) for n, s in scores.items()}
+    return scores
 
 
 def dev_metrics(model: nn.Module, task: Task, tokenizer, data: TaskData,

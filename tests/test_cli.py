@@ -263,3 +263,113 @@ def test_max_eval_samples_must_be_positive(tiny_dir, shared_data, tmp_path, caps
               str(tmp_path / "t"), "--max-eval-samples", "0"])
     assert "--max-eval-samples: must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls, real = [], getattr(module, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("method,scorer", [("pgb", "importance_scores"),
+                                           ("structured", "mask_fisher")])
+def test_sparsity_sweep_equals_separate_runs(pipeline_dirs, shared_data, tmp_path, capsys,
+                                             monkeypatch, method, scorer):
+    """--sparsity 0.5,0.75 scores the teacher once and writes the same models as two runs."""
+    import torch
+
+    import pgb
+    import pgb.baselines
+    import pgb.pipeline
+
+    teacher, _ = pipeline_dirs
+    common = ["--model", str(teacher), "--task", "sst2", "--data-dir", str(shared_data),
+              "--calib-samples", "32", "--no-refinetune", "--max-eval-samples", "40",
+              "--method", method]
+    calls = _count_calls(monkeypatch, pgb.baselines if method == "structured" else
+                         pgb.pipeline, scorer)
+    sweep = run(capsys, "compress", *common, "--sparsity", "0.5,0.75",
+                "--out", str(tmp_path / "sweep"))
+    assert len(calls) == 1  # importance computed once for both budgets
+    assert sweep["folders"] == ["s0.5", "s0.75"]
+    assert [s["target_sparsity"] for s in sweep["sweep"]] == [0.5, 0.75]
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == sweep
+    batch = {"input_ids": torch.randint(1000, 2000, (3, 11)),
+             "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    for sparsity, name in ((0.5, "s0.5"), (0.75, "s0.75")):
+        single = run(capsys, "compress", *common, "--sparsity", str(sparsity),
+                     "--out", str(tmp_path / f"single{sparsity}"))
+        part = json.loads((tmp_path / "sweep" / name / "report.json").read_text())
+        assert part["metrics"] == single["metrics"]
+        assert part["achieved_sparsity"] == single["achieved_sparsity"]
+        with torch.no_grad():
+            a = pgb.load(tmp_path / "sweep" / name)(**batch).logits
+            b = pgb.load(tmp_path / f"single{sparsity}")(**batch).logits
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert len(calls) == 3  # each separate run scored the teacher again
+    # the sweep folder is not a model: loading it names the folders to pass instead
+    with pytest.raises(ValueError, match="is a sparsity sweep.*s0.5"):
+        pgb.load(tmp_path / "sweep")
+    code = main(["-q", "evaluate", "--model", str(tmp_path / "sweep"), "--task", "sst2",
+                 "--data-dir", str(shared_data)])
+    assert code == 2 and "s0.75" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,message", [
+    ("0.5,x", "comma-separated numbers such as 0.5,0.875, got '0.5,x'"),
+    ("0.5,0.5", "a sparsity appears twice in '0.5,0.5'"),
+])
+def test_sweep_values_are_checked(pipeline_dirs, tmp_path, capsys, value, message):
+    teacher, _ = pipeline_dirs
+    with pytest.raises(SystemExit):
+        main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--out",
+              str(tmp_path / "x"), "--sparsity", value])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_sweep_with_a_sparsity_out_of_range_writes_nothing(pipeline_dirs, shared_data, tmp_path,
+                                                           capsys):
+    teacher, _ = pipeline_dirs
+    code = main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
+                 str(shared_data), "--out", str(tmp_path / "x"), "--sparsity", "0.5,1.5"])
+    assert code == 2 and "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_compress_sweep_refuses_budgets_that_differ_elsewhere():
+    from pgb.config import CompressConfig
+    from pgb.pipeline import compress_sweep
+
+    cfgs = [CompressConfig(sparsity=0.5), CompressConfig(sparsity=0.75, calib_samples=64)]
+    with pytest.raises(ValueError, match="share every setting but the sparsity"):
+        next(compress_sweep(None, None, None, cfgs, None))
+
+
+def test_run_fine_tunes_then_sweeps_and_prints_side_by_side(tiny_dir, shared_data, tmp_path,
+                                                           capsys):
+    """`pgb run` on a base model: teacher into OUT-teacher, then one folder per budget."""
+    out = tmp_path / "job"
+    assert main(["-q", "run", "--model", str(tiny_dir), "--task", "sst2", "--data-dir",
+                 str(shared_data), "--out", str(out), "--sparsity", "0.5,0.75",
+                 "--teacher-epochs", "1", "--teacher-max-train-samples", "64",
+                 "--max-train-samples", "64", "--calib-samples", "32", "--refinetune-steps",
+                 "1", "--max-eval-samples", "40"]) == 0
+    printed = capsys.readouterr()
+    result, err = json.loads(printed.out.strip().splitlines()[-1]), printed.err
+    teacher = json.loads((tmp_path / "job-teacher" / "metrics.json").read_text())
+    assert teacher["train"]["steps"] == 2 and teacher["metrics"]["samples"] == 40
+    assert [s["target_sparsity"] for s in result["sweep"]] == [0.5, 0.75]
+    for name, summary in zip(("s0.5", "s0.75"), result["sweep"], strict=True):
+        report = json.loads((out / name / "report.json").read_text())
+        assert report["refinetune"]["steps"] == 1
+        assert report["metrics"] == summary["metrics"]
+        assert report["teacher_metrics"] == teacher["metrics"]
+    # one side-by-side table per budget, naming its sparsity
+    rows = [line.split() for line in err.splitlines() if line.strip().startswith("sparsity")]
+    assert rows == [["sparsity", "0.0", "0.5"], ["sparsity", "0.0", "0.75"]]
