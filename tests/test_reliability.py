@@ -564,6 +564,36 @@ def test_compress_resumes_to_the_uninterrupted_result(reference, teacher, data_d
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def test_sweep_resumes_each_budget_to_its_separate_result(reference, teacher, data_dir,
+                                                          tmp_path, capsys, monkeypatch):
+    """Interrupted in its second budget, a sweep resumed gives the budgets' single-run
+    models: each budget re-finetunes from its own checkpoint."""
+    out = tmp_path / "sweep"
+    resume_dir = tmp_path / ".sweep.resume"
+    step, calls = pgb.finetune._step, [0]
+
+    def stop_in_second_budget(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 10:  # 6 steps of s0.75, then 3 of s0.5
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    sweep = ["--sparsity", "0.75,0.5"]
+    with monkeypatch.context() as patch:
+        patch.setattr(pgb.finetune, "_step", stop_in_second_budget)
+        fails(capsys, compress_argv(teacher[0], data_dir, out, *sweep)[1:], "interrupted", 130)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sweep.resume"]
+    assert torch.load(resume_dir / "s0.5" / CHECKPOINT, weights_only=False)["state"]["step"] == 2
+    assert main(compress_argv(teacher[0], data_dir, out, *sweep, "--resume")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # checkpoints gone
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "s0.5", "s0.75", "sweep.json"]
+    assert torch.equal(sentences_logits(out / "s0.5"), sentences_logits(reference))
+    ref, got = load_file(reference / "model.safetensors"), load_file(out / "s0.5" /
+                                                                     "model.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert json.loads((out / "s0.75" / "report.json").read_text())["refinetune"]["steps"] == 6
+
+
 # ------------------------------------------------------------------------ reproducible
 
 
