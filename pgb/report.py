@@ -3,6 +3,9 @@
 The picture is a grid, one row per encoder layer and one column per matrix; each cell
 shows the group count G and the fraction of the matrix's importance kept, coloured by the
 fraction of its weights kept; dropped sublayers are marked "dropped".
+
+For a sparsity sweep's folder (``sweep.json``) every budget gets its own report, and DIR
+gets report.md with one row per budget and report.png, the dev metrics against sparsity.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def _markdown(report: dict, cells: dict, png: str) -> str:
 def write_report(folder: str | Path) -> dict:
     """Write ``report.md`` and ``report.png`` into ``folder``; returns their paths."""
     folder = Path(folder)
+    if (folder / "sweep.json").is_file():
+        return write_sweep_report(folder)
     report, recipe = _load(folder)
     cells = _cells(report, recipe)
     png = folder / "report.png"
@@ -101,3 +106,68 @@ def write_report(folder: str | Path) -> dict:
     md = folder / "report.md"
     md.write_text(_markdown(report, cells, png.name))
     return {"report_md": str(md), "report_png": str(png)}
+
+
+def _metric_names(report: dict) -> list[str]:
+    teacher, metrics = report.get("teacher_metrics", {}), report.get("metrics", {})
+    return [k for k in teacher if k in metrics and k != "samples"]
+
+
+def _sweep_markdown(reports: list[dict], names: list[str], png: str) -> str:
+    first = reports[0]
+    metrics = _metric_names(first)
+    teacher = first.get("teacher_metrics", {})
+    lines = [f"# pgb sweep: {first.get('task', '?')}, method {first.get('method', 'pgb')}",
+             "", f"![dev metrics against sparsity]({png})", "",
+             "Teacher: " + ", ".join(f"{k} {teacher[k]:.4f}" for k in metrics) + ".", "",
+             "| folder | sparsity | achieved | parameters | FLOPs ratio (seq 128) | "
+             + " | ".join(f"{k} (% of teacher)" for k in metrics)
+             + " | prune + compensate s | re-finetune s |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(metrics) + "---:|---:|"]
+    for name, r in zip(names, reports, strict=True):
+        sec = r.get("stage_seconds", {})
+        cells = [f"{r['metrics'][k]:.4f} ({100 * r['metrics'][k] / teacher[k]:.1f}%)"
+                 if teacher.get(k) else f"{r['metrics'][k]:.4f}" for k in metrics]
+        lines.append(f"| [{name}]({name}/report.md) | {r.get('target_sparsity')} | "
+                     f"{r.get('achieved_sparsity', 0):.4f} | {r.get('params_after')} | "
+                     f"{r.get('flops_ratio', 0):.3f} | " + " | ".join(cells) + " | "
+                     f"{sum(v for k, v in sec.items() if k != 'refinetune'):.1f} | "
+                     f"{sec.get('refinetune', 0):.1f} |")
+    lines += ["", "Seconds are each budget's own: the importance scores and grouping searches "
+              "ran once, in the first budget, and the others reused them."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_sweep(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = _metric_names(reports[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r.get("target_sparsity") for r in reports]
+    for k in metrics:
+        line, = ax.plot(xs, [r["metrics"][k] for r in reports], marker="o", label=k)
+        ax.axhline(reports[0]["teacher_metrics"][k], color=line.get_color(), linestyle="--",
+                   linewidth=0.8, label=f"{k}, teacher")
+    ax.set_xlabel("sparsity (encoder linear weights removed)")
+    ax.set_ylabel("dev metric")
+    ax.set_title(f"{reports[0].get('task', '')}: {reports[0].get('method', 'pgb')}",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_report(folder: Path) -> dict:
+    """A report in every budget's folder, and one across budgets in ``folder``."""
+    sweep = json.loads((folder / "sweep.json").read_text())
+    names = sweep["folders"]
+    reports = [_load(folder / name)[0] for name in names]
+    budgets = [write_report(folder / name) for name in names]
+    png, md = folder / "report.png", folder / "report.md"
+    _plot_sweep(reports, png)
+    md.write_text(_sweep_markdown(reports, names, png.name))
+    return {"report_md": str(md), "report_png": str(png), "budgets": budgets}

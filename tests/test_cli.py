@@ -318,6 +318,18 @@ def test_sparsity_sweep_equals_separate_runs(pipeline_dirs, shared_data, tmp_pat
     code = main(["-q", "evaluate", "--model", str(tmp_path / "sweep"), "--task", "sst2",
                  "--data-dir", str(shared_data)])
     assert code == 2 and "s0.75" in capsys.readouterr().err
+    # pgb report: one row per budget, its accuracy, and every budget's own report
+    paths = run(capsys, "report", str(tmp_path / "sweep"))
+    assert paths["report_md"] == str(tmp_path / "sweep" / "report.md")
+    rows = [line.split(" | ") for line in (tmp_path / "sweep" / "report.md").read_text()
+            .splitlines() if line.startswith("| [s")]
+    assert [r[1] for r in rows] == ["0.5", "0.75"]
+    for row, name in zip(rows, ("s0.5", "s0.75"), strict=True):
+        accuracy = json.loads((tmp_path / "sweep" / name / "report.json").read_text())[
+            "metrics"]["accuracy"]
+        assert row[5].startswith(f"{accuracy:.4f} (")
+        assert (tmp_path / "sweep" / name / "report.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "report.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("value,message", [
