@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -34,7 +35,15 @@ from .arch import MATRICES, SUBLAYERS, dims_of, get_matrix
 from .checkpoint import round_embeddings
 from .config import CompressConfig
 from .flops import count_params, flops
-from .pipeline import CompressResult, _Clock, add_metrics, dev_metrics, refinetune, shared_stage
+from .pipeline import (
+    CompressResult,
+    _Clock,
+    add_metrics,
+    dev_metrics,
+    for_flops,
+    refinetune,
+    shared_stage,
+)
 from .structured import Structure, mask_fisher, rescale, select, shrink
 from .taskdata import TaskData
 from .tasks import Task
@@ -62,7 +71,7 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
         masks, report = _magnitude(student, teacher, cfg, clock)
         held = masks_held(student, masks)
     else:
-        report = _structured(student, teacher, cfg, data, clock, progress, shared)
+        cfg, report = _structured(student, teacher, cfg, data, clock, progress, shared)
         held = contextlib.nullcontext()
     with held:
         before = dev_metrics(student, task, tokenizer, data, progress) \
@@ -71,7 +80,8 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
             info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
     round_embeddings(student, cfg.embedding_dtype)  # before evaluation: metrics as saved
     report = {
-        "method": cfg.method, "target_sparsity": cfg.sparsity, **report,
+        "method": cfg.method, "target_sparsity": cfg.sparsity,
+        "target_flops_ratio": cfg.flops_ratio, **report,
         "params_before": count_params(teacher), "params_after": count_params(student),
         "flops_ratio": flops(student, 128) / flops(teacher, 128), "stage_seconds": seconds,
         "refinetune": info, "config": cfg.to_dict(), "pgb_version": __version__,
@@ -165,21 +175,28 @@ def _magnitude(student, teacher, cfg: CompressConfig, clock) -> tuple[dict, dict
 
 
 def _structured(student, teacher, cfg: CompressConfig, data, clock, progress,
-                shared: dict | None = None) -> dict:
-    """Kwon et al. 2022 on ``student`` in place (see ``pgb.structured``); report entries."""
+                shared: dict | None = None) -> tuple[CompressConfig, dict]:
+    """Kwon et al. 2022 on ``student`` in place (see ``pgb.structured``); the config (its
+    sparsity solved when the budget is a FLOPs ratio) and the report entries."""
     calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
     with clock("importance"):  # the student is still the teacher's copy here
         head_fisher, neuron_fisher = shared_stage(shared, "mask_fisher",
                                                   lambda: mask_fisher(student, calib, progress))
+
+    def plan_at(sparsity: float) -> Structure:
+        return select(head_fisher, neuron_fisher, dims_of(student), sparsity,
+                      student.config.model_type)
+
     with clock("grouping"):
-        structure = select(head_fisher, neuron_fisher, dims_of(student), cfg.sparsity,
-                           student.config.model_type)
+        if cfg.flops_ratio is not None:
+            cfg = dataclasses.replace(cfg, sparsity=for_flops(plan_at, cfg.flops_ratio))
+        structure = plan_at(cfg.sparsity)
     shrink(student, structure)
     with clock("compensation"):
         if cfg.compensate:
             rescale(student, teacher, calib, cfg.damping, progress)
     d = structure.dims
-    return {"achieved_sparsity": structure.sparsity(),
+    return cfg, {"achieved_sparsity": structure.sparsity(),
             "matrices": _retained(structure, head_fisher, neuron_fisher),
             "groups": {f"{i}.{k}": 1 for i in range(d.layers) for k in SUBLAYERS},
             "dropped_sublayers": structure.dropped_sublayers(),

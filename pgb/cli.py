@@ -42,7 +42,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _sparsities(text: str) -> list[float]:
+def _budgets(text: str) -> list[float]:
     """``0.5`` or a sweep ``0.5,0.75,0.875`` (range checked by CompressConfig)."""
     try:
         values = [float(v) for v in text.split(",")]
@@ -51,7 +51,7 @@ def _sparsities(text: str) -> list[float]:
             f"expected a number or comma-separated numbers such as 0.5,0.875, got {text!r}"
         ) from None
     if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"a sparsity appears twice in {text!r}")
+        raise argparse.ArgumentTypeError(f"a value appears twice in {text!r}")
     return values
 
 
@@ -77,10 +77,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sparsity", type=_sparsities, required=True,
-                   help="fraction of encoder linear weights to remove, in [0, 1); several "
-                        "comma-separated values (0.5,0.75,0.875) make a sweep: importance "
-                        "and grouping search run once, OUT gets one folder per sparsity")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--sparsity", type=_budgets,
+                        help="fraction of encoder linear weights to remove, in [0, 1); "
+                             "several comma-separated values (0.5,0.75,0.875) make a sweep: "
+                             "importance and grouping search run once, OUT gets one folder "
+                             "per value")
+    budget.add_argument("--flops-ratio", type=_budgets,
+                        help="budget in encoder FLOPs at sequence length 128, relative to "
+                             "the teacher, in (0, 1]: the smallest sparsity that meets it "
+                             "(pgb, structured); comma-separated values make a sweep")
     p.add_argument("--method", default="pgb", help="pgb, magnitude or structured")
     p.add_argument("--calib-samples", type=int, default=1024)
     p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")

@@ -136,15 +136,19 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
 
 
 def compress_configs(args) -> list[CompressConfig]:
-    """One config per --sparsity value (several: a sweep)."""
+    """One config per --sparsity or --flops-ratio value (several: a sweep)."""
+    if args.flops_ratio:
+        first = compress_config(args, 0.5, args.flops_ratio[0])  # sparsity: solved later
+        return [dataclasses.replace(first, flops_ratio=r) for r in args.flops_ratio]
     first = compress_config(args, args.sparsity[0])
     return [dataclasses.replace(first, sparsity=s) for s in args.sparsity]
 
 
-def compress_config(args, sparsity: float) -> CompressConfig:
+def compress_config(args, sparsity: float, flops_ratio: float | None = None) -> CompressConfig:
     return CompressConfig(
-        sparsity=sparsity, method=args.method, calib_samples=args.calib_samples,
-        importance=args.importance, permute=not args.no_permutation,
+        sparsity=sparsity, flops_ratio=flops_ratio, method=args.method,
+        calib_samples=args.calib_samples, importance=args.importance,
+        permute=not args.no_permutation,
         uniform_groups=args.uniform_groups, shared_order=args.shared_order,
         allow_drop=not args.no_drop,
         max_groups=args.max_groups, compensate=not args.no_compensation,
@@ -163,9 +167,10 @@ def cmd_compress(args) -> dict:
     return compress_teacher(args, cfgs, out, args.model)
 
 
-def sweep_folder(sparsity: float) -> str:
-    """Name of one budget's folder inside a sweep's OUT: ``s0.5``, ``s0.875``."""
-    return f"s{sparsity:g}"
+def sweep_folder(cfg: CompressConfig) -> str:
+    """Name of one budget's folder inside a sweep's OUT: ``s0.5``, ``s0.875`` (sparsity),
+    ``f0.5`` (FLOPs ratio)."""
+    return f"f{cfg.flops_ratio:g}" if cfg.flops_ratio is not None else f"s{cfg.sparsity:g}"
 
 
 def compress_teacher(args, cfgs: list[CompressConfig], out: Path, teacher_path: str) -> dict:
@@ -189,7 +194,7 @@ def compress_teacher(args, cfgs: list[CompressConfig], out: Path, teacher_path: 
     data.max_eval_samples = args.max_eval_samples
     data.teacher_metrics = _known_metrics(path, task, args.max_eval_samples)
     resume_dir = out.parent / f".{out.name}.resume"
-    names = [sweep_folder(c.sparsity) for c in cfgs] if sweep else [None]
+    names = [sweep_folder(c) for c in cfgs] if sweep else [None]
     start = time.perf_counter()
     with _main_rank_folder(out, args.overwrite) as tmp:
         results = compress_sweep(teacher, tok, task, cfgs, data, progress=not args.quiet,
@@ -200,7 +205,7 @@ def compress_teacher(args, cfgs: list[CompressConfig], out: Path, teacher_path: 
             if tmp is None:  # not rank 0: rank 0 writes the folder
                 continue
             if name:
-                log.info("sparsity %g done: %s", c.sparsity, result.report.get("metrics"))
+                log.info("%s done: %s", name, result.report.get("metrics"))
             result.report.update({"teacher": path, "versions": _versions(),
                                   "command": " ".join(["pgb", *sys.argv[1:]]),
                                   "world_size": dist.world()})
@@ -277,8 +282,9 @@ def _save_plain(model, tok, folder: Path, task) -> None:
 
 
 def _summary(report: dict) -> dict:
-    keys = ("method", "target_sparsity", "achieved_sparsity", "params_before", "params_after",
-            "flops_ratio", "stage_seconds", "dropped_sublayers", "teacher_metrics", "metrics")
+    keys = ("method", "target_sparsity", "target_flops_ratio", "achieved_sparsity",
+            "params_before", "params_after", "flops_ratio", "stage_seconds",
+            "dropped_sublayers", "teacher_metrics", "metrics")
     return {k: report[k] for k in keys if k in report}
 
 

@@ -71,6 +71,10 @@ class CompressConfig(_Base):
 
     sparsity: float = _help("fraction of encoder linear weights to remove, in [0, 1)", 0.5)
     method: str = _help(f"compression method, one of {METHODS}", "pgb")
+    flops_ratio: float | None = _help("budget in encoder FLOPs instead (at sequence length "
+                                      "128, relative to the teacher, in (0, 1]): the "
+                                      "smallest sparsity whose plan meets it is used, and "
+                                      "recorded in 'sparsity'", None)
     calib_samples: int = _help("training examples used for importance and compensation", 1024)
     calib_batch_size: int = _help("batch size of the calibration passes", 32)
     importance: str = _help(f"importance score, one of {IMPORTANCE}", "fisher")
@@ -118,6 +122,17 @@ class CompressConfig(_Base):
                              "0.5 removes half of the encoder linear weights")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.flops_ratio is not None:
+            if not 0.0 < self.flops_ratio <= 1.0:
+                raise ValueError(f"flops_ratio must be in (0, 1], got {self.flops_ratio}; "
+                                 "e.g. --flops-ratio 0.5 halves the encoder FLOPs")
+            if self.method == "magnitude":
+                raise ValueError("a FLOPs budget needs --method pgb or structured: magnitude "
+                                 "pruning keeps dense shapes, so its FLOPs do not fall; use "
+                                 "--sparsity")
+            if self.uniform_groups:
+                raise ValueError("--uniform-groups fixes G from the sparsity; use --sparsity "
+                                 "with it, not a FLOPs budget")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {IMPORTANCE}")
         if self.normalize not in ("mean", "none"):

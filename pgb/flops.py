@@ -7,9 +7,12 @@ activations and the task head are left out, as they are the same for every metho
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 from torch import nn
 
-from .arch import dims_of, get_arch, layer_module
+from .arch import Dims, dims_of, get_arch, layer_module
 from .grouped_linear import GroupedLinear
 from .surgery import DroppedAttention
 
@@ -42,3 +45,51 @@ def flops(model: nn.Module, seq_len: int) -> int:
             width = layer.get_submodule(spec.query).out_features
             total += 2 * 2 * seq_len * seq_len * width  # scores and context
     return total
+
+
+REPORT_SEQ_LEN = 128  # the sequence length of report.json's flops_ratio and --flops-ratio
+
+
+def counted_flops(dims: Dims, seq_len: int, kept_weights: int,
+                  attention_widths: Sequence[int]) -> int:
+    """``flops`` from counts: encoder linear weights kept, and per layer the width of its
+    attention products (hidden size, fewer with heads removed, 0 when the sublayer is gone)."""
+    return 2 * seq_len * kept_weights + sum(4 * seq_len * seq_len * w for w in attention_widths)
+
+
+def dense_flops(dims: Dims, seq_len: int) -> int:
+    """``flops`` of the uncompressed encoder."""
+    total = dims.layers * (4 * dims.hidden ** 2 + 2 * dims.hidden * dims.intermediate)
+    return counted_flops(dims, seq_len, total, [dims.hidden] * dims.layers)
+
+
+def sparsity_for_flops(ratio_at: Callable[[float], float], target: float,
+                       tolerance: float = 1e-4, highest: float = 0.995) -> float:
+    """Smallest sparsity whose plan has a FLOPs ratio of at most ``target``.
+
+    ``ratio_at(s)`` plans at sparsity ``s`` and returns its FLOPs ratio (it falls as ``s``
+    grows); bisection to within ``tolerance``. The returned sparsity's plan meets the
+    target. ValueError when even ``highest`` does not reach it, naming the least ratio.
+    """
+    if ratio_at(0.0) <= target:
+        return 0.0
+    least = ratio_at(highest)
+    if least > target:
+        reach = math.ceil(least * 1000) / 1000  # rounded up: a reachable ratio
+        raise ValueError(f"FLOPs ratio {target} is out of reach: even sparsity {highest} "
+                         f"leaves {least:.4f} (the attention products of the kept attention "
+                         f"sublayers remain); ask for {reach:g} or more")
+    lo, hi = 0.0, highest
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        if ratio_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def plan_flops_ratio(plan, seq_len: int = REPORT_SEQ_LEN) -> float:
+    """FLOPs ratio of a Recipe or Structure (anything with ``dims`` and ``flops_counts``)."""
+    return counted_flops(plan.dims, seq_len, *plan.flops_counts()) / dense_flops(plan.dims,
+                                                                                  seq_len)

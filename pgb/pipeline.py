@@ -31,7 +31,7 @@ from .config import CompressConfig
 from .distributed import is_main
 from .evaluation import evaluate
 from .finetune import train
-from .flops import count_params, flops
+from .flops import count_params, flops, plan_flops_ratio, sparsity_for_flops
 from .grouping import candidate_groups, orient, search_sublayer
 from .importance import importance_scores
 from .surgery import to_compact
@@ -147,13 +147,10 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     with clock("grouping"):
         searches = shared_stage(shared, "searches", dict)
         groupings = search_groupings(scores, teacher, cfg, progress, cache=searches)
-        recipe = allocate(groupings, dims_of(teacher), teacher.config.model_type, cfg.sparsity,
-                          uniform=cfg.uniform_g() if cfg.uniform_groups else None,
-                          allow_drop=cfg.allow_drop and not cfg.uniform_groups,
-                          objective=cfg.allocation)
-        if cfg.shared_order:  # the compact model keeps the residual stream permuted
-            recipe = dataclasses.replace(recipe, meta={**recipe.meta, "shared_order": True})
-            recipe.validate()
+        if cfg.flops_ratio is not None:
+            cfg = dataclasses.replace(cfg, sparsity=for_flops(
+                lambda s: _allocate(groupings, teacher, cfg, s), cfg.flops_ratio))
+        recipe = _allocate(groupings, teacher, cfg, cfg.sparsity)
     student = copy.deepcopy(teacher)
     with clock("compensation"):
         apply_masks(student, recipe)
@@ -170,7 +167,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         train_info = refinetune(student, teacher, data, cfg, progress, checkpoint_dir, resume)
     round_embeddings(student, cfg.embedding_dtype)  # before evaluation: metrics as saved
     report = {
-        "method": "pgb", "target_sparsity": cfg.sparsity,
+        "method": "pgb", "target_sparsity": cfg.sparsity, "target_flops_ratio": cfg.flops_ratio,
         "achieved_sparsity": recipe.sparsity(),
         "params_before": count_params(teacher), "params_after": count_params(student),
         "flops_ratio": flops(student, 128) / flops(teacher, 128),
@@ -182,6 +179,36 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     if evaluate_models:
         add_metrics(report, teacher, student, task, tokenizer, data, progress, before)
     return CompressResult(student, report)
+
+
+def _allocate(groupings: dict, teacher: nn.Module, cfg: CompressConfig, sparsity: float):
+    recipe = allocate(groupings, dims_of(teacher), teacher.config.model_type, sparsity,
+                      uniform=cfg.uniform_g() if cfg.uniform_groups else None,
+                      allow_drop=cfg.allow_drop and not cfg.uniform_groups,
+                      objective=cfg.allocation)
+    if cfg.shared_order:  # the compact model keeps the residual stream permuted
+        recipe = dataclasses.replace(recipe, meta={**recipe.meta, "shared_order": True})
+        recipe.validate()
+    return recipe
+
+
+def for_flops(plan_at, target: float) -> float:
+    """The sparsity at which ``plan_at(sparsity)`` (a Recipe or Structure) meets FLOPs ratio
+    ``target`` (see ``pgb.flops.sparsity_for_flops``); logged."""
+    def ratio_at(sparsity: float) -> float:
+        quiet = logging.getLogger("pgb.allocation")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # probes far off the answer may miss their sparsity
+        try:
+            return plan_flops_ratio(plan_at(sparsity))
+        except ValueError:  # no plan at this sparsity (coarse blocks): treat as too costly
+            return float("inf")
+        finally:
+            quiet.setLevel(level)
+
+    sparsity = sparsity_for_flops(ratio_at, target)
+    log.info("FLOPs ratio %g: sparsity %.4f", target, sparsity)
+    return sparsity
 
 
 def _scores(teacher: nn.Module, calib: list[dict], cfg: CompressConfig, progress: bool

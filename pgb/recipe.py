@@ -101,6 +101,15 @@ class Recipe:
     def dropped_sublayers(self) -> list[str]:
         return [f"{p.layer}.{p.kind}" for p in self.sublayers if p.dropped]
 
+    def flops_counts(self) -> tuple[int, list[int]]:
+        """(encoder linear weights kept, attention-product width per layer): what
+        ``pgb.flops.counted_flops`` needs. Grouping keeps every dimension, so a layer's
+        attention is full width unless its sublayer is dropped."""
+        d = self.dims
+        dropped = {(p.layer, p.kind) for p in self.sublayers if p.dropped}
+        widths = [0 if (i, "attn") in dropped else d.hidden for i in range(d.layers)]
+        return sum(p.kept_weights(d) for p in self.sublayers), widths
+
     def to_json(self) -> dict:
         return {"version": RECIPE_VERSION, "model_type": self.model_type,
                 "dims": asdict(self.dims), "meta": self.meta,

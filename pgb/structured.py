@@ -80,6 +80,11 @@ class Structure:
         return 1.0 - self.kept_weights() / (d.layers * (4 * d.hidden ** 2
                                                          + 2 * d.hidden * d.intermediate))
 
+    def flops_counts(self) -> tuple[int, list[int]]:
+        """(encoder linear weights kept, attention-product width per layer), as
+        ``Recipe.flops_counts``: the kept heads times the head size."""
+        return self.kept_weights(), [len(h) * self.dims.head_size for h in self.heads]
+
     def dropped_sublayers(self) -> list[str]:
         out = [f"{i}.attn" for i, h in enumerate(self.heads) if not h]
         return out + [f"{i}.ffn" for i, n in enumerate(self.neurons) if not n]
