@@ -34,7 +34,7 @@ from . import __version__
 from .arch import MATRICES, SUBLAYERS, dims_of, get_matrix
 from .checkpoint import round_embeddings
 from .config import CompressConfig
-from .flops import count_params, flops
+from .flops import count_params, flops_ratio
 from .pipeline import (
     CompressResult,
     _Clock,
@@ -83,7 +83,7 @@ def compress_baseline(teacher: nn.Module, tokenizer, task: Task, cfg: CompressCo
         "method": cfg.method, "target_sparsity": cfg.sparsity,
         "target_flops_ratio": cfg.flops_ratio, **report,
         "params_before": count_params(teacher), "params_after": count_params(student),
-        "flops_ratio": flops(student, 128) / flops(teacher, 128), "stage_seconds": seconds,
+        "flops_ratio": flops_ratio(student, teacher), "stage_seconds": seconds,
         "refinetune": info, "config": cfg.to_dict(), "pgb_version": __version__,
         "task": task.name}
     if evaluate_models:

@@ -50,8 +50,7 @@ def flops(model: nn.Module, seq_len: int) -> int:
 REPORT_SEQ_LEN = 128  # the sequence length of report.json's flops_ratio and --flops-ratio
 
 
-def counted_flops(dims: Dims, seq_len: int, kept_weights: int,
-                  attention_widths: Sequence[int]) -> int:
+def counted_flops(seq_len: int, kept_weights: int, attention_widths: Sequence[int]) -> int:
     """``flops`` from counts: encoder linear weights kept, and per layer the width of its
     attention products (hidden size, fewer with heads removed, 0 when the sublayer is gone)."""
     return 2 * seq_len * kept_weights + sum(4 * seq_len * seq_len * w for w in attention_widths)
@@ -60,7 +59,7 @@ def counted_flops(dims: Dims, seq_len: int, kept_weights: int,
 def dense_flops(dims: Dims, seq_len: int) -> int:
     """``flops`` of the uncompressed encoder."""
     total = dims.layers * (4 * dims.hidden ** 2 + 2 * dims.hidden * dims.intermediate)
-    return counted_flops(dims, seq_len, total, [dims.hidden] * dims.layers)
+    return counted_flops(seq_len, total, [dims.hidden] * dims.layers)
 
 
 def sparsity_for_flops(ratio_at: Callable[[float], float], target: float,
@@ -89,7 +88,11 @@ def sparsity_for_flops(ratio_at: Callable[[float], float], target: float,
     return hi
 
 
+def flops_ratio(model: nn.Module, reference: nn.Module, seq_len: int = REPORT_SEQ_LEN) -> float:
+    """``flops(model) / flops(reference)``: report.json's ``flops_ratio``."""
+    return flops(model, seq_len) / flops(reference, seq_len)
+
+
 def plan_flops_ratio(plan, seq_len: int = REPORT_SEQ_LEN) -> float:
     """FLOPs ratio of a Recipe or Structure (anything with ``dims`` and ``flops_counts``)."""
-    return counted_flops(plan.dims, seq_len, *plan.flops_counts()) / dense_flops(plan.dims,
-                                                                                  seq_len)
+    return counted_flops(seq_len, *plan.flops_counts()) / dense_flops(plan.dims, seq_len)

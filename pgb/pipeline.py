@@ -31,7 +31,7 @@ from .config import CompressConfig
 from .distributed import is_main
 from .evaluation import evaluate
 from .finetune import train
-from .flops import count_params, flops, plan_flops_ratio, sparsity_for_flops
+from .flops import count_params, flops_ratio, plan_flops_ratio, sparsity_for_flops
 from .grouping import candidate_groups, orient, search_sublayer
 from .importance import importance_scores
 from .surgery import to_compact
@@ -170,7 +170,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
         "method": "pgb", "target_sparsity": cfg.sparsity, "target_flops_ratio": cfg.flops_ratio,
         "achieved_sparsity": recipe.sparsity(),
         "params_before": count_params(teacher), "params_after": count_params(student),
-        "flops_ratio": flops(student, 128) / flops(teacher, 128),
+        "flops_ratio": flops_ratio(student, teacher),
         "stage_seconds": seconds, "matrices": retained_importance(recipe, groupings),
         "groups": {f"{p.layer}.{p.kind}": p.groups for p in recipe.sublayers},
         "dropped_sublayers": recipe.dropped_sublayers(), "refinetune": train_info,
