@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .arch import Dims, dims_of, get_arch, layer_module
+from .arch import Dims, dims_of, encoder_linear_params, get_arch, layer_module
 from .grouped_linear import GroupedLinear
 from .surgery import DroppedAttention
 
@@ -58,7 +58,7 @@ def counted_flops(seq_len: int, kept_weights: int, attention_widths: Sequence[in
 
 def dense_flops(dims: Dims, seq_len: int) -> int:
     """``flops`` of the uncompressed encoder."""
-    total = dims.layers * (4 * dims.hidden ** 2 + 2 * dims.hidden * dims.intermediate)
+    total = dims.layers * sum(encoder_linear_params(dims).values())
     return counted_flops(seq_len, total, [dims.hidden] * dims.layers)
 
 

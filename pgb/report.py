@@ -76,8 +76,7 @@ def _markdown(report: dict, cells: dict, png: str) -> str:
              "", f"![where the model was cut]({png})", "", "| | teacher | compressed |",
              "|---|---:|---:|"]
     t, m = report.get("teacher_metrics", {}), report.get("metrics", {})
-    lines += [f"| {k} | {t[k]:.4f} | {m.get(k, float('nan')):.4f} |" for k in t
-              if k in m and k != "samples"]
+    lines += [f"| {k} | {t[k]:.4f} | {m[k]:.4f} |" for k in _metric_names(report)]
     lines += [f"| parameters | {report.get('params_before')} | {report.get('params_after')} |",
               f"| encoder FLOPs ratio (seq 128) | 1.0 | {report.get('flops_ratio', 0):.3f} |",
               "", f"Target sparsity {report.get('target_sparsity')}, achieved "
