@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 
 import torch
@@ -39,8 +38,9 @@ from .pipeline import (
     CompressResult,
     _Clock,
     add_metrics,
+    budget_sparsity,
+    budget_stage,
     dev_metrics,
-    for_flops,
     refinetune,
     shared_stage,
 )
@@ -187,16 +187,17 @@ def _structured(student, teacher, cfg: CompressConfig, data, clock, progress,
         return select(head_fisher, neuron_fisher, dims_of(student), sparsity,
                       student.config.model_type)
 
+    with clock(budget_stage(cfg)):
+        cfg, budget = budget_sparsity(
+            cfg, plan_at, lambda structure: shrink(copy.deepcopy(student), structure), student)
     with clock("grouping"):
-        if cfg.flops_ratio is not None:
-            cfg = dataclasses.replace(cfg, sparsity=for_flops(plan_at, cfg.flops_ratio))
         structure = plan_at(cfg.sparsity)
     shrink(student, structure)
     with clock("compensation"):
         if cfg.compensate:
             rescale(student, teacher, calib, cfg.damping, progress)
     d = structure.dims
-    return cfg, {"achieved_sparsity": structure.sparsity(),
+    return cfg, {**budget, "achieved_sparsity": structure.sparsity(),
             "matrices": _retained(structure, head_fisher, neuron_fisher),
             "groups": {f"{i}.{k}": 1 for i in range(d.layers) for k in SUBLAYERS},
             "dropped_sublayers": structure.dropped_sublayers(),

@@ -87,6 +87,15 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                         help="budget in encoder FLOPs at sequence length 128, relative to "
                              "the teacher, in (0, 1]: the smallest sparsity that meets it "
                              "(pgb, structured); comma-separated values make a sweep")
+    budget.add_argument("--speedup", type=_budgets,
+                        help="budget as a speed-up over the teacher, > 1, measured on this "
+                             "machine at --speedup-batch-size x --speedup-seq-len: the "
+                             "smallest sparsity whose model runs that fast (pgb, structured); "
+                             "comma-separated values make a sweep")
+    p.add_argument("--speedup-batch-size", type=_positive_int, default=32,
+                   help="batch size the --speedup budget is measured at")
+    p.add_argument("--speedup-seq-len", type=_positive_int, default=128,
+                   help="sequence length the --speedup budget is measured at")
     p.add_argument("--method", default="pgb", help="pgb, magnitude or structured")
     p.add_argument("--calib-samples", type=int, default=1024)
     p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")

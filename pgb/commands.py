@@ -136,17 +136,18 @@ def finetune_teacher(args, cfg: TrainConfig, out: Path, model_name: str | None =
 
 
 def compress_configs(args) -> list[CompressConfig]:
-    """One config per --sparsity or --flops-ratio value (several: a sweep)."""
-    if args.flops_ratio:
-        first = compress_config(args, 0.5, args.flops_ratio[0])  # sparsity: solved later
+    """One config per --sparsity, --flops-ratio or --speedup value (several: a sweep)."""
+    first = compress_config(args, 0.5 if args.sparsity is None else args.sparsity[0])
+    if args.flops_ratio:  # the sparsity is solved later
         return [dataclasses.replace(first, flops_ratio=r) for r in args.flops_ratio]
-    first = compress_config(args, args.sparsity[0])
+    if args.speedup:
+        return [dataclasses.replace(first, speedup=x) for x in args.speedup]
     return [dataclasses.replace(first, sparsity=s) for s in args.sparsity]
 
 
-def compress_config(args, sparsity: float, flops_ratio: float | None = None) -> CompressConfig:
+def compress_config(args, sparsity: float) -> CompressConfig:
     return CompressConfig(
-        sparsity=sparsity, flops_ratio=flops_ratio, method=args.method,
+        sparsity=sparsity, method=args.method,
         calib_samples=args.calib_samples, importance=args.importance,
         permute=not args.no_permutation,
         uniform_groups=args.uniform_groups, shared_order=args.shared_order,
@@ -156,7 +157,9 @@ def compress_config(args, sparsity: float, flops_ratio: float | None = None) -> 
         refinetune_epochs=args.refinetune_epochs, refinetune_steps=args.refinetune_steps,
         refinetune_lr=args.refinetune_lr, max_train_samples=args.max_train_samples,
         seed=args.seed, checkpoint_every=args.checkpoint_every,
-        embedding_dtype=args.embedding_dtype)
+        embedding_dtype=args.embedding_dtype,
+        speedup_batch_size=args.speedup_batch_size,
+        speedup_seq_len=args.speedup_seq_len)
 
 
 def cmd_compress(args) -> dict:
@@ -169,8 +172,10 @@ def cmd_compress(args) -> dict:
 
 def sweep_folder(cfg: CompressConfig) -> str:
     """Name of one budget's folder inside a sweep's OUT: ``s0.5``, ``s0.875`` (sparsity),
-    ``f0.5`` (FLOPs ratio)."""
-    return f"f{cfg.flops_ratio:g}" if cfg.flops_ratio is not None else f"s{cfg.sparsity:g}"
+    ``f0.5`` (FLOPs ratio), ``x2`` (speed-up)."""
+    if cfg.flops_ratio is not None:
+        return f"f{cfg.flops_ratio:g}"
+    return f"x{cfg.speedup:g}" if cfg.speedup is not None else f"s{cfg.sparsity:g}"
 
 
 def compress_teacher(args, cfgs: list[CompressConfig], out: Path, teacher_path: str) -> dict:
@@ -282,7 +287,8 @@ def _save_plain(model, tok, folder: Path, task) -> None:
 
 
 def _summary(report: dict) -> dict:
-    keys = ("method", "target_sparsity", "target_flops_ratio", "achieved_sparsity",
+    keys = ("method", "target_sparsity", "target_flops_ratio", "target_speedup",
+            "planned_speedup", "achieved_sparsity",
             "params_before", "params_after", "flops_ratio", "stage_seconds",
             "dropped_sublayers", "teacher_metrics", "metrics")
     return {k: report[k] for k in keys if k in report}
@@ -320,6 +326,8 @@ def _print_side_by_side(s: dict) -> None:
     rows = [("sparsity", 0.0, s.get("target_sparsity")),
             ("params", s.get("params_before"), s.get("params_after")),
             ("encoder FLOPs (rel.)", 1.0, round(s.get("flops_ratio", float("nan")), 3))]
+    if s.get("planned_speedup") is not None:
+        rows.append(("speed-up (planned)", 1.0, round(s["planned_speedup"], 2)))
     rows += [(k, round(t[k], 4), round(m.get(k, float("nan")), 4)) for k in t if k in m
              and k != "samples"]
     print(f"{'':>22} {'teacher':>12} {'compressed':>12}", file=sys.stderr)

@@ -75,6 +75,12 @@ class CompressConfig(_Base):
                                       "128, relative to the teacher, in (0, 1]): the "
                                       "smallest sparsity whose plan meets it is used, and "
                                       "recorded in 'sparsity'", None)
+    speedup: float | None = _help("budget as a speed-up over the teacher instead (> 1), "
+                                  "measured on this machine at speedup_batch_size x "
+                                  "speedup_seq_len: the smallest sparsity whose model runs "
+                                  "that fast is used, and recorded in 'sparsity'", None)
+    speedup_batch_size: int = _help("batch size the speed-up budget is measured at", 32)
+    speedup_seq_len: int = _help("sequence length the speed-up budget is measured at", 128)
     calib_samples: int = _help("training examples used for importance and compensation", 1024)
     calib_batch_size: int = _help("batch size of the calibration passes", 32)
     importance: str = _help(f"importance score, one of {IMPORTANCE}", "fisher")
@@ -122,17 +128,26 @@ class CompressConfig(_Base):
                              "0.5 removes half of the encoder linear weights")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.flops_ratio is not None:
-            if not 0.0 < self.flops_ratio <= 1.0:
-                raise ValueError(f"flops_ratio must be in (0, 1], got {self.flops_ratio}; "
-                                 "e.g. --flops-ratio 0.5 halves the encoder FLOPs")
+        if self.flops_ratio is not None and not 0.0 < self.flops_ratio <= 1.0:
+            raise ValueError(f"flops_ratio must be in (0, 1], got {self.flops_ratio}; "
+                             "e.g. --flops-ratio 0.5 halves the encoder FLOPs")
+        if self.speedup is not None and not self.speedup > 1.0:
+            raise ValueError(f"speedup must be > 1, got {self.speedup}; e.g. --speedup 2 asks "
+                             "for a model twice as fast as the teacher")
+        if self.speedup_batch_size < 1 or self.speedup_seq_len < 1:
+            raise ValueError(f"the speed-up shape must be positive, got batch "
+                             f"{self.speedup_batch_size} x {self.speedup_seq_len}")
+        budget = self.budget_flag()
+        if budget is not None:
+            if self.flops_ratio is not None and self.speedup is not None:
+                raise ValueError("give one budget: --flops-ratio or --speedup, not both")
             if self.method == "magnitude":
-                raise ValueError("a FLOPs budget needs --method pgb or structured: magnitude "
-                                 "pruning keeps dense shapes, so its FLOPs do not fall; use "
-                                 "--sparsity")
+                raise ValueError(f"a {budget} budget needs --method pgb or structured: "
+                                 "magnitude pruning keeps dense shapes, so its FLOPs and "
+                                 "speed do not change; use --sparsity")
             if self.uniform_groups:
-                raise ValueError("--uniform-groups fixes G from the sparsity; use --sparsity "
-                                 "with it, not a FLOPs budget")
+                raise ValueError(f"--uniform-groups fixes G from the sparsity; use --sparsity "
+                                 f"with it, not {budget}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {IMPORTANCE}")
         if self.normalize not in ("mean", "none"):
@@ -160,6 +175,12 @@ class CompressConfig(_Base):
                              "float32 transformers folder (use --embedding-dtype float32)")
         if self.refinetune_epochs <= 0:
             raise ValueError(f"refinetune_epochs must be > 0, got {self.refinetune_epochs}")
+
+    def budget_flag(self) -> str | None:
+        """The command-line flag of a budget other than sparsity, or None."""
+        if self.flops_ratio is not None:
+            return "--flops-ratio"
+        return "--speedup" if self.speedup is not None else None
 
     def uniform_g(self) -> int:
         """The group count of the uniform ablation: largest G with 1 - 1/G <= sparsity."""

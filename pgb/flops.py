@@ -62,30 +62,54 @@ def dense_flops(dims: Dims, seq_len: int) -> int:
     return counted_flops(seq_len, total, [dims.hidden] * dims.layers)
 
 
-def sparsity_for_flops(ratio_at: Callable[[float], float], target: float,
-                       tolerance: float = 1e-4, highest: float = 0.995) -> float:
-    """Smallest sparsity whose plan has a FLOPs ratio of at most ``target``.
+class OutOfReach(ValueError):
+    """No sparsity up to the highest tried meets the budget; ``least`` is the cost there."""
 
-    ``ratio_at(s)`` plans at sparsity ``s`` and returns its FLOPs ratio (it falls as ``s``
-    grows); bisection to within ``tolerance``. The returned sparsity's plan meets the
-    target. ValueError when even ``highest`` does not reach it, naming the least ratio.
+    def __init__(self, least: float):
+        super().__init__(f"out of reach: the least cost is {least}")
+        self.least = least
+
+
+def smallest_sparsity(cost_at: Callable[[float], float], target: float,
+                      tolerance: float = 1e-4, highest: float = 0.995,
+                      try_zero: bool = True) -> float:
+    """Smallest sparsity whose plan costs at most ``target``.
+
+    ``cost_at(s)`` plans at sparsity ``s`` and returns its cost (it falls as ``s`` grows;
+    ``inf`` where no plan can be made); bisection to within ``tolerance``. The returned
+    sparsity's plan meets the target. ``try_zero=False`` skips the check of sparsity 0
+    (for a budget the teacher never meets). OutOfReach when even ``highest`` does not.
     """
-    if ratio_at(0.0) <= target:
+    if try_zero and cost_at(0.0) <= target:
         return 0.0
-    least = ratio_at(highest)
+    least = cost_at(highest)
     if least > target:
-        reach = math.ceil(least * 1000) / 1000  # rounded up: a reachable ratio
-        raise ValueError(f"FLOPs ratio {target} is out of reach: even sparsity {highest} "
-                         f"leaves {least:.4f} (the attention products of the kept attention "
-                         f"sublayers remain); ask for {reach:g} or more")
+        raise OutOfReach(least)
     lo, hi = 0.0, highest
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
-        if ratio_at(mid) <= target:
+        if cost_at(mid) <= target:
             hi = mid
         else:
             lo = mid
     return hi
+
+
+def sparsity_for_flops(ratio_at: Callable[[float], float], target: float,
+                       tolerance: float = 1e-4, highest: float = 0.995) -> float:
+    """Smallest sparsity whose plan has a FLOPs ratio of at most ``target``.
+
+    ``ratio_at(s)`` plans at sparsity ``s`` and returns its FLOPs ratio (see
+    ``smallest_sparsity``). ValueError when even ``highest`` does not reach it, naming the
+    least ratio.
+    """
+    try:
+        return smallest_sparsity(ratio_at, target, tolerance, highest)
+    except OutOfReach as err:
+        reach = math.ceil(err.least * 1000) / 1000  # rounded up: a reachable ratio
+        raise ValueError(f"FLOPs ratio {target} is out of reach: even sparsity {highest} "
+                         f"leaves {err.least:.4f} (the attention products of the kept "
+                         f"attention sublayers remain); ask for {reach:g} or more") from None
 
 
 def flops_ratio(model: nn.Module, reference: nn.Module, seq_len: int = REPORT_SEQ_LEN) -> float:

@@ -34,6 +34,7 @@ from .finetune import train
 from .flops import count_params, flops_ratio, plan_flops_ratio, sparsity_for_flops
 from .grouping import candidate_groups, orient, search_sublayer
 from .importance import importance_scores
+from .latency import sparsity_for_speedup
 from .surgery import to_compact
 from .taskdata import TaskData
 from .tasks import Task
@@ -147,10 +148,11 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     with clock("grouping"):
         searches = shared_stage(shared, "searches", dict)
         groupings = search_groupings(scores, teacher, cfg, progress, cache=searches)
-        if cfg.flops_ratio is not None:
-            cfg = dataclasses.replace(cfg, sparsity=for_flops(
-                lambda s: _allocate(groupings, teacher, cfg, s), cfg.flops_ratio))
-        recipe = _allocate(groupings, teacher, cfg, cfg.sparsity)
+    with clock(budget_stage(cfg)):
+        cfg, budget = budget_sparsity(
+            cfg, lambda s: _allocate(groupings, teacher, cfg, s),
+            lambda recipe: to_compact(copy.deepcopy(teacher), recipe), teacher)
+    recipe = _allocate(groupings, teacher, cfg, cfg.sparsity)
     student = copy.deepcopy(teacher)
     with clock("compensation"):
         apply_masks(student, recipe)
@@ -168,7 +170,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     round_embeddings(student, cfg.embedding_dtype)  # before evaluation: metrics as saved
     report = {
         "method": "pgb", "target_sparsity": cfg.sparsity, "target_flops_ratio": cfg.flops_ratio,
-        "achieved_sparsity": recipe.sparsity(),
+        **budget, "achieved_sparsity": recipe.sparsity(),
         "params_before": count_params(teacher), "params_after": count_params(student),
         "flops_ratio": flops_ratio(student, teacher),
         "stage_seconds": seconds, "matrices": retained_importance(recipe, groupings),
@@ -192,23 +194,62 @@ def _allocate(groupings: dict, teacher: nn.Module, cfg: CompressConfig, sparsity
     return recipe
 
 
+def quiet_plan(plan_at, sparsity: float):
+    """``plan_at(sparsity)`` (a Recipe or Structure) without the allocator's warnings, or
+    None where no plan can be made (coarse blocks): a budget's probes far off the answer
+    may miss their sparsity."""
+    quiet = logging.getLogger("pgb.allocation")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return plan_at(sparsity)
+    except ValueError:
+        return None
+    finally:
+        quiet.setLevel(level)
+
+
 def for_flops(plan_at, target: float) -> float:
     """The sparsity at which ``plan_at(sparsity)`` (a Recipe or Structure) meets FLOPs ratio
     ``target`` (see ``pgb.flops.sparsity_for_flops``); logged."""
     def ratio_at(sparsity: float) -> float:
-        quiet = logging.getLogger("pgb.allocation")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # probes far off the answer may miss their sparsity
-        try:
-            return plan_flops_ratio(plan_at(sparsity))
-        except ValueError:  # no plan at this sparsity (coarse blocks): treat as too costly
-            return float("inf")
-        finally:
-            quiet.setLevel(level)
+        plan = quiet_plan(plan_at, sparsity)
+        return float("inf") if plan is None else plan_flops_ratio(plan)
 
     sparsity = sparsity_for_flops(ratio_at, target)
     log.info("FLOPs ratio %g: sparsity %.4f", target, sparsity)
     return sparsity
+
+
+def for_speedup(plan_at, build, teacher: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
+    """(sparsity, measured speed-up) at which ``build(plan_at(sparsity))``, the physically
+    smaller model, runs ``cfg.speedup`` times as fast as ``teacher`` (see ``pgb.latency``)."""
+    def build_at(sparsity: float):
+        plan = quiet_plan(plan_at, sparsity)
+        return None if plan is None else build(plan)
+
+    return sparsity_for_speedup(build_at, teacher, cfg.speedup, cfg.speedup_batch_size,
+                                cfg.speedup_seq_len, cfg.method)
+
+
+def budget_stage(cfg: CompressConfig) -> str:
+    """The stage_seconds entry that solving the budget counts under: its own for a speed-up
+    (each probe is timed), the grouping's otherwise (FLOPs are counted in milliseconds)."""
+    return "speedup_search" if cfg.speedup is not None else "grouping"
+
+
+def budget_sparsity(cfg: CompressConfig, plan_at, build, teacher: nn.Module
+                    ) -> tuple[CompressConfig, dict]:
+    """``cfg`` with its sparsity solved from a FLOPs or speed-up budget (unchanged for a
+    sparsity budget), and the report entries the budget adds."""
+    if cfg.flops_ratio is not None:
+        return dataclasses.replace(cfg, sparsity=for_flops(plan_at, cfg.flops_ratio)), {}
+    if cfg.speedup is None:
+        return cfg, {}
+    sparsity, measured = for_speedup(plan_at, build, teacher, cfg)
+    return dataclasses.replace(cfg, sparsity=sparsity), {
+        "target_speedup": cfg.speedup, "planned_speedup": measured,
+        "speedup_shape": [cfg.speedup_batch_size, cfg.speedup_seq_len]}
 
 
 def _scores(teacher: nn.Module, calib: list[dict], cfg: CompressConfig, progress: bool

@@ -81,6 +81,7 @@ def _markdown(report: dict, cells: dict, png: str) -> str:
               f"| encoder FLOPs ratio (seq 128) | 1.0 | {report.get('flops_ratio', 0):.3f} |",
               "", f"Target sparsity {report.get('target_sparsity')}, achieved "
               f"{report.get('achieved_sparsity', 0):.4f} of encoder linear weights.",
+              *_speedup_line(report),
               f"Dropped sublayers: {', '.join(report.get('dropped_sublayers', [])) or 'none'}.",
               "", "Seconds per stage: " + ", ".join(
                   f"{k} {v:.1f}" for k, v in report.get("stage_seconds", {}).items()), "",
@@ -105,6 +106,15 @@ def write_report(folder: str | Path) -> dict:
     md = folder / "report.md"
     md.write_text(_markdown(report, cells, png.name))
     return {"report_md": str(md), "report_png": str(png)}
+
+
+def _speedup_line(report: dict) -> list[str]:
+    if report.get("target_speedup") is None:
+        return []
+    batch, seq = report.get("speedup_shape", ["?", "?"])
+    return [f"Speed-up budget {report['target_speedup']:g}x at batch {batch} x {seq}: the "
+            f"sparsity above measured {report.get('planned_speedup', 0):.2f}x over the "
+            f"teacher while planning."]
 
 
 def _metric_names(report: dict) -> list[str]:

@@ -411,6 +411,47 @@ def test_flops_budget_sweep_meets_each_ratio(pipeline_dirs, shared_data, tmp_pat
     assert solved[0] < solved[1]
 
 
+@pytest.mark.parametrize("method", ["pgb", "structured"])
+def test_speedup_budget_sweep_meets_each_target(pipeline_dirs, shared_data, tmp_path, capsys,
+                                                monkeypatch, method):
+    """--speedup 1.5,2: the smallest sparsity whose built model is that much faster. Timings
+    of a tiny model are noise, so the speed-up is stood in for by the FLOPs it saves
+    (pgb.latency's own timing is tested in test_latency.py)."""
+    import pgb.latency
+    from pgb.bench import load_any
+    from pgb.flops import flops
+
+    shapes = []
+
+    def by_flops(model, reference, batch_size, seq_len):
+        shapes.append((batch_size, seq_len))
+        return flops(reference, seq_len) / flops(model, seq_len)
+
+    monkeypatch.setattr(pgb.latency, "measured_speedup", by_flops)
+    teacher, _ = pipeline_dirs
+    reference = load_any(str(teacher))
+    out = tmp_path / "speedup"
+    sweep = run(capsys, "compress", "--model", str(teacher), "--task", "sst2", "--data-dir",
+                str(shared_data), "--out", str(out), "--speedup", "1.5,2",
+                "--speedup-batch-size", "4", "--speedup-seq-len", "64",
+                "--calib-samples", "32", "--no-refinetune", "--max-eval-samples", "40",
+                "--method", method)
+    assert sweep["folders"] == ["x1.5", "x2"]
+    assert set(shapes) == {(4, 64)}
+    solved = []
+    for target, name in ((1.5, "x1.5"), (2.0, "x2")):
+        report = json.loads((out / name / "report.json").read_text())
+        assert report["target_speedup"] == target and report["speedup_shape"] == [4, 64]
+        assert report["planned_speedup"] >= target
+        assert report["config"]["sparsity"] == report["target_sparsity"] > 0.1
+        assert report["stage_seconds"]["speedup_search"] > 0
+        # the saved model is the one that was planned: its FLOPs give the same speed-up
+        saved = load_any(str(out / name))
+        assert by_flops(saved, reference, 4, 64) == pytest.approx(report["planned_speedup"])
+        solved.append(report["target_sparsity"])
+    assert solved[0] < solved[1]
+
+
 def test_sparsity_and_flops_budget_are_exclusive(pipeline_dirs, tmp_path, capsys):
     teacher, _ = pipeline_dirs
     with pytest.raises(SystemExit):
@@ -420,5 +461,5 @@ def test_sparsity_and_flops_budget_are_exclusive(pipeline_dirs, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["-q", "compress", "--model", str(teacher), "--task", "sst2", "--out",
               str(tmp_path / "x")])
-    assert "one of the arguments --sparsity --flops-ratio is required" in \
+    assert "one of the arguments --sparsity --flops-ratio --speedup is required" in \
         capsys.readouterr().err

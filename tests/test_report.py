@@ -107,6 +107,18 @@ def test_no_dropped_sublayer_says_none(tmp_path):
     assert all(g != "dropped" for g, _, _ in table_rows(text).values())
 
 
+def test_speedup_budget_is_stated(tmp_path):
+    folder = tmp_path / "compressed"
+    _, report = compressed_folder(folder, 0.5, weak=())
+    write_report(folder)
+    assert "Speed-up budget" not in (folder / "report.md").read_text()
+    report.update(target_speedup=2.0, planned_speedup=2.037, speedup_shape=[8, 64])
+    (folder / "report.json").write_text(json.dumps(report))
+    write_report(folder)
+    assert "Speed-up budget 2x at batch 8 x 64: the sparsity above measured 2.04x over the " \
+        "teacher while planning." in (folder / "report.md").read_text()
+
+
 def test_cli_report_prints_the_paths(reported, capsys):
     folder = reported[0]
     assert main(["-q", "report", str(folder)]) == 0

@@ -1,0 +1,92 @@
+"""Speed-up budgets: the smallest sparsity whose model runs at least X times faster than the
+teacher, measured on the machine that compresses.
+
+``--speedup 2`` asks for a model twice as fast as the teacher at one batch shape
+(``--speedup-batch-size`` x ``--speedup-seq-len``, by default 32 x 128 as ``pgb bench``),
+on the teacher's device with torch's current thread count. A bisection over the sparsity
+builds, at each probe, the physically smaller model of that sparsity (the teacher's
+weights: latency does not depend on their values, so nothing is compensated or trained)
+and times it interleaved with the teacher, the median of a few passes each. FLOPs do not
+predict it: gathers, attention, GELU and LayerNorm keep their cost under grouping.
+
+Example::
+
+    >>> sparsity, speedup = sparsity_for_speedup(build_at, teacher, 2.0, 32, 128)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Callable
+
+from torch import nn
+
+from .bench import dummy_batch, time_models
+from .flops import OutOfReach, smallest_sparsity
+
+log = logging.getLogger(__name__)
+
+PROBE_REPEATS = 5  # timed passes per model and probe, after one warm-up pass
+TOLERANCE = 0.01  # the bisection stops within this much sparsity
+HIGHEST = 0.97  # the highest sparsity tried
+
+
+def measured_speedup(model: nn.Module, reference: nn.Module, batch_size: int, seq_len: int,
+                     repeats: int = PROBE_REPEATS, warmup: int = 1) -> float:
+    """Median latency of ``reference`` / median latency of ``model``, timed in turn."""
+    device = next(reference.parameters()).device
+    batch = dummy_batch(reference, batch_size, seq_len, device)
+    was = model.training, reference.training
+    model.eval()
+    reference.eval()
+    try:
+        times = time_models({"reference": reference, "model": model}, batch, repeats, warmup,
+                            progress=False)
+    finally:
+        model.train(was[0])
+        reference.train(was[1])
+    return statistics.median(times["reference"]) / statistics.median(times["model"])
+
+
+def sparsity_for_speedup(build_at: Callable[[float], nn.Module | None], reference: nn.Module,
+                         target: float, batch_size: int, seq_len: int, method: str = "pgb",
+                         measure: Callable[..., float] | None = None,
+                         tolerance: float = TOLERANCE, highest: float = HIGHEST
+                         ) -> tuple[float, float]:
+    """(smallest sparsity whose model measured at least ``target`` x, that speed-up).
+
+    ``build_at(s)`` returns the model at sparsity ``s`` (None where no plan can be made);
+    ``measure(model, reference, batch_size, seq_len)`` its speed-up (default
+    ``measured_speedup``, looked up at call time). ValueError when even
+    ``highest`` falls short, naming the speed-up measured there.
+    """
+    if not target > 1.0:
+        raise ValueError(f"speedup must be > 1, got {target}; e.g. --speedup 2 asks for a "
+                         "model twice as fast as the teacher")
+    measure = measure or globals()["measured_speedup"]
+    measured: dict[float, float] = {}
+
+    def cost_at(sparsity: float) -> float:
+        model = build_at(sparsity)
+        if model is None:
+            return math.inf
+        measured[sparsity] = measure(model, reference, batch_size, seq_len)
+        log.info("speed-up probe: sparsity %.3f runs %.2fx (target %gx)", sparsity,
+                 measured[sparsity], target)
+        return 1.0 / measured[sparsity]
+
+    try:
+        sparsity = smallest_sparsity(cost_at, 1.0 / target, tolerance, highest, try_zero=False)
+    except OutOfReach as err:
+        best = 0.0 if math.isinf(err.least) else 1.0 / err.least
+        hint = (" or --method structured (removing heads and neurons also shrinks attention "
+                "and GELU, which grouping leaves at their dense cost)") if method == "pgb" else ""
+        raise ValueError(
+            f"speed-up {target}x is out of reach for method {method} at batch {batch_size} x "
+            f"{seq_len} on this machine: even sparsity {highest} measured {best:.2f}x; ask "
+            f"for less{hint}") from None
+    log.info("speed-up %gx: sparsity %.4f (measured %.2fx)", target, sparsity,
+             measured[sparsity])
+    return sparsity, measured[sparsity]

@@ -1,0 +1,85 @@
+"""Speed-up budgets: the bisection over measured speed-ups has known answers, timings are
+taken interleaved and leave the models as they were, and bad budgets are refused."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from pgb.config import CompressConfig
+from pgb.latency import measured_speedup, sparsity_for_speedup
+
+
+def _linear(s):  # a model of sparsity s runs 1 + 2 s times as fast as the teacher
+    return 1.0 + 2.0 * s
+
+
+def _build(s):
+    return SimpleNamespace(sparsity=s)
+
+
+def _measure(model, reference, batch_size, seq_len):
+    return _linear(model.sparsity)
+
+
+def test_sparsity_for_speedup_known_answers():
+    s, x = sparsity_for_speedup(_build, None, 2.0, 32, 128, measure=_measure)
+    assert x == _linear(s) >= 2.0 and s == pytest.approx(0.5, abs=0.011)
+    # a plan that cannot be made at a sparsity counts as too slow there
+    s, x = sparsity_for_speedup(lambda s: None if s < 0.7 else _build(s), None, 1.2, 32, 128,
+                                measure=_measure)
+    assert s == pytest.approx(0.7, abs=0.011) and x >= 1.2
+
+
+def test_sparsity_for_speedup_out_of_reach_names_the_best():
+    with pytest.raises(ValueError, match=r"speed-up 4.0x is out of reach for method pgb at "
+                                         r"batch 1 x 64 .* even sparsity 0.97 measured 2.94x"
+                                         r".*--method structured"):
+        sparsity_for_speedup(_build, None, 4.0, 1, 64, measure=_measure)
+    with pytest.raises(ValueError, match="out of reach for method structured") as err:
+        sparsity_for_speedup(_build, None, 4.0, 1, 64, method="structured", measure=_measure)
+    assert "--method structured" not in str(err.value)
+    with pytest.raises(ValueError, match="speedup must be > 1, got 1.0"):
+        sparsity_for_speedup(_build, None, 1.0, 32, 128, measure=_measure)
+
+
+class _Sleeper(nn.Module):
+    """Takes ``seconds`` per forward; shaped enough for ``dummy_batch``."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(vocab_size=50)
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask):
+        assert input_ids.shape == (3, 7) and not self.training
+        self.calls += 1
+        time.sleep(self.seconds)
+        return input_ids
+
+
+def test_measured_speedup_times_both_models_in_turn():
+    slow, fast = _Sleeper(0.03), _Sleeper(0.01)
+    slow.train()
+    fast.eval()
+    x = measured_speedup(fast, slow, 3, 7, repeats=3, warmup=1)
+    assert 2.0 < x < 3.5  # 30 ms against 10 ms, plus a little overhead on each
+    assert slow.calls == fast.calls == 4
+    assert slow.training and not fast.training  # each back in its own mode
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"speedup": 1.0}, r"speedup must be > 1, got 1.0"),
+    ({"speedup": 2.0, "flops_ratio": 0.5}, "one budget: --flops-ratio or --speedup"),
+    ({"speedup": 2.0, "method": "magnitude"}, "a --speedup budget needs --method pgb or "
+                                              "structured"),
+    ({"speedup": 2.0, "uniform_groups": True}, "not --speedup"),
+    ({"speedup": 2.0, "speedup_seq_len": 0}, "speed-up shape must be positive"),
+])
+def test_bad_speedup_budget_is_refused(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        CompressConfig(**cfg)
