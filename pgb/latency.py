@@ -6,8 +6,13 @@ teacher, measured on the machine that compresses.
 on the teacher's device with torch's current thread count. A bisection over the sparsity
 builds, at each probe, the physically smaller model of that sparsity (the teacher's
 weights: latency does not depend on their values, so nothing is compensated or trained)
-and times it interleaved with the teacher, the median of a few passes each. FLOPs do not
-predict it: gathers, attention, GELU and LayerNorm keep their cost under grouping.
+and times it interleaved with the teacher: the median, over a few passes, of the teacher's
+time over the model's in the same pass (adjacent timings, so a machine whose speed drifts
+over minutes cancels out). FLOPs do not predict it: gathers, attention, GELU and LayerNorm
+keep their cost under grouping. The bisection keeps whichever probes happened to measure
+fast (on a 2-core cloud machine the same model measured 1.57x and 1.78x minutes apart),
+so its answer is measured again, three times as long, and the sparsity raised a little
+until that measurement meets the target.
 
 Example::
 
@@ -29,13 +34,16 @@ from .flops import OutOfReach, smallest_sparsity
 log = logging.getLogger(__name__)
 
 PROBE_REPEATS = 5  # timed passes per model and probe, after one warm-up pass
+VERIFY_REPEATS = 15  # timed passes when the answer is measured again
+MAX_RAISES = 5  # times the sparsity is raised when the answer measures short
 TOLERANCE = 0.01  # the bisection stops within this much sparsity
 HIGHEST = 0.97  # the highest sparsity tried
 
 
 def measured_speedup(model: nn.Module, reference: nn.Module, batch_size: int, seq_len: int,
                      repeats: int = PROBE_REPEATS, warmup: int = 1) -> float:
-    """Median latency of ``reference`` / median latency of ``model``, timed in turn."""
+    """Median over passes of ``reference``'s time / ``model``'s time in the same pass (the
+    two are timed in turn, each pass right after the other)."""
     device = next(reference.parameters()).device
     batch = dummy_batch(reference, batch_size, seq_len, device)
     was = model.training, reference.training
@@ -47,7 +55,8 @@ def measured_speedup(model: nn.Module, reference: nn.Module, batch_size: int, se
     finally:
         model.train(was[0])
         reference.train(was[1])
-    return statistics.median(times["reference"]) / statistics.median(times["model"])
+    return statistics.median(r / m for r, m in zip(times["reference"], times["model"],
+                                                   strict=True))
 
 
 def sparsity_for_speedup(build_at: Callable[[float], nn.Module | None], reference: nn.Module,
@@ -58,9 +67,12 @@ def sparsity_for_speedup(build_at: Callable[[float], nn.Module | None], referenc
     """(smallest sparsity whose model measured at least ``target`` x, that speed-up).
 
     ``build_at(s)`` returns the model at sparsity ``s`` (None where no plan can be made);
-    ``measure(model, reference, batch_size, seq_len)`` its speed-up (default
-    ``measured_speedup``, looked up at call time). ValueError when even
-    ``highest`` falls short, naming the speed-up measured there.
+    ``measure(model, reference, batch_size, seq_len, repeats=N)`` its speed-up (default
+    ``measured_speedup``, looked up at call time). The bisection's answer is measured again
+    with ``VERIFY_REPEATS`` passes, and raised by ``2 * tolerance`` at a time (at most
+    ``MAX_RAISES`` times) while that falls short; the speed-up returned is that last
+    measurement (below the target, with a warning, if the raises ran out). ValueError when
+    even ``highest`` falls short, naming the speed-up measured there.
     """
     if not target > 1.0:
         raise ValueError(f"speedup must be > 1, got {target}; e.g. --speedup 2 asks for a "
@@ -72,7 +84,8 @@ def sparsity_for_speedup(build_at: Callable[[float], nn.Module | None], referenc
         model = build_at(sparsity)
         if model is None:
             return math.inf
-        measured[sparsity] = measure(model, reference, batch_size, seq_len)
+        measured[sparsity] = measure(model, reference, batch_size, seq_len,
+                                     repeats=PROBE_REPEATS)
         log.info("speed-up probe: sparsity %.3f runs %.2fx (target %gx)", sparsity,
                  measured[sparsity], target)
         return 1.0 / measured[sparsity]
@@ -87,6 +100,19 @@ def sparsity_for_speedup(build_at: Callable[[float], nn.Module | None], referenc
             f"speed-up {target}x is out of reach for method {method} at batch {batch_size} x "
             f"{seq_len} on this machine: even sparsity {highest} measured {best:.2f}x; ask "
             f"for less{hint}") from None
-    log.info("speed-up %gx: sparsity %.4f (measured %.2fx)", target, sparsity,
-             measured[sparsity])
-    return sparsity, measured[sparsity]
+    speedup, raises = 0.0, 0
+    while True:
+        model = build_at(sparsity)
+        if model is not None:
+            speedup = measure(model, reference, batch_size, seq_len, repeats=VERIFY_REPEATS)
+            log.info("speed-up %gx: sparsity %.4f measured again: %.2fx", target, sparsity,
+                     speedup)
+            if speedup >= target:
+                break
+        if raises == MAX_RAISES or sparsity >= highest:
+            log.warning("speed-up %gx: sparsity %.4f measured %.2fx, short of the target on "
+                        "a noisy machine; check the saved model with pgb bench", target,
+                        sparsity, speedup)
+            break
+        sparsity, raises = min(highest, sparsity + 2 * tolerance), raises + 1
+    return sparsity, speedup

@@ -423,7 +423,7 @@ def test_speedup_budget_sweep_meets_each_target(pipeline_dirs, shared_data, tmp_
 
     shapes = []
 
-    def by_flops(model, reference, batch_size, seq_len):
+    def by_flops(model, reference, batch_size, seq_len, repeats=None):
         shapes.append((batch_size, seq_len))
         return flops(reference, seq_len) / flops(model, seq_len)
 

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from pgb.config import CompressConfig
-from pgb.latency import measured_speedup, sparsity_for_speedup
+from pgb.latency import (
+    PROBE_REPEATS,
+    VERIFY_REPEATS,
+    measured_speedup,
+    sparsity_for_speedup,
+)
 
 
 def _linear(s):  # a model of sparsity s runs 1 + 2 s times as fast as the teacher
@@ -20,7 +25,7 @@ def _build(s):
     return SimpleNamespace(sparsity=s)
 
 
-def _measure(model, reference, batch_size, seq_len):
+def _measure(model, reference, batch_size, seq_len, repeats):
     return _linear(model.sparsity)
 
 
@@ -31,6 +36,26 @@ def test_sparsity_for_speedup_known_answers():
     s, x = sparsity_for_speedup(lambda s: None if s < 0.7 else _build(s), None, 1.2, 32, 128,
                                 measure=_measure)
     assert s == pytest.approx(0.7, abs=0.011) and x >= 1.2
+
+
+def test_answer_measured_short_again_is_raised():
+    """Short probes that flatter (+0.1x) lead the bisection too low; the longer measurement
+    of its answer raises the sparsity 0.02 at a time until the target is met."""
+    calls = []
+
+    def flattering(model, reference, batch_size, seq_len, repeats):
+        calls.append(repeats)
+        return _linear(model.sparsity) + (0.1 if repeats == PROBE_REPEATS else 0.0)
+
+    s, x = sparsity_for_speedup(_build, None, 2.0, 32, 128, measure=flattering)
+    assert x >= 2.0 and x == pytest.approx(_linear(s))
+    assert s == pytest.approx(0.51, abs=0.011)
+    assert calls.count(VERIFY_REPEATS) == 4  # the answer (~0.45) and three raises
+    # a machine that never measures the target again: the raises stop, the figure is honest
+    s, x = sparsity_for_speedup(_build, None, 2.0, 32, 128, measure=lambda m, r, b, n, repeats:
+                                _linear(m.sparsity) + (1.0 if repeats == PROBE_REPEATS
+                                                       else -1.0))
+    assert x < 2.0 and x == pytest.approx(_linear(s) - 1.0)
 
 
 def test_sparsity_for_speedup_out_of_reach_names_the_best():
@@ -67,7 +92,7 @@ def test_measured_speedup_times_both_models_in_turn():
     slow.train()
     fast.eval()
     x = measured_speedup(fast, slow, 3, 7, repeats=3, warmup=1)
-    assert 2.0 < x < 3.5  # 30 ms against 10 ms, plus a little overhead on each
+    assert 2.0 < x < 3.5  # 30 ms against 10 ms in each pass, plus a little overhead
     assert slow.calls == fast.calls == 4
     assert slow.training and not fast.training  # each back in its own mode
 
