@@ -77,7 +77,7 @@ def sparsity_for_speedup(build_at: Callable[[float], nn.Module | None], referenc
     if not target > 1.0:
         raise ValueError(f"speedup must be > 1, got {target}; e.g. --speedup 2 asks for a "
                          "model twice as fast as the teacher")
-    measure = measure or globals()["measured_speedup"]
+    measure = measure or measured_speedup  # the module attribute, looked up per call
     measured: dict[float, float] = {}
 
     def cost_at(sparsity: float) -> float:
