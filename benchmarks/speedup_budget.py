@@ -43,6 +43,7 @@ def run_method(task: str, method: str, targets: list[str], args) -> list[dict]:
            str(args.seq_len), "--out", str(out), *(["--no-refinetune"] if args.no_refinetune
                                                     else []), *args.compress_args.split()]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
+    metric = get_task(task).main_metric
     rows = []
     for name in json.loads((out / "sweep.json").read_text())["folders"]:
         report = json.loads((out / name / "report.json").read_text())
@@ -51,7 +52,6 @@ def run_method(task: str, method: str, targets: list[str], args) -> list[dict]:
                      "--seq-len", str(args.seq_len), "--threads", str(torch.get_num_threads())]
         bench = _last_json(subprocess.run(bench_cmd, check=True, capture_output=True,
                                           text=True).stdout)
-        metric = get_task(task).main_metric
         rows.append({
             "method": method, "target_speedup": report["target_speedup"],
             "sparsity": report["target_sparsity"],
