@@ -10,9 +10,9 @@ and times it interleaved with the teacher: the median, over a few passes, of the
 time over the model's in the same pass (adjacent timings, so a machine whose speed drifts
 over minutes cancels out). FLOPs do not predict it: gathers, attention, GELU and LayerNorm
 keep their cost under grouping. The bisection keeps whichever probes happened to measure
-fast (on a 2-core cloud machine the same model measured 1.57x and 1.78x minutes apart),
-so its answer is measured again, three times as long, and the sparsity raised a little
-until that measurement meets the target.
+fast (on a 2-core cloud machine, planned figures ran up to 15% above ``pgb bench``'s), so
+its answer is measured again, three times as long, and the sparsity raised a little until
+that measurement meets the target.
 
 Example::
 
