@@ -121,3 +121,14 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
 
+
+
+def from_main(compute):
+    """``compute()`` on rank 0, its (picklable) result handed to every rank; the other ranks
+    wait. For answers that must agree across ranks but are measured, not derived: a timing
+    taken on each rank would differ. Single-process: ``compute()``."""
+    if world() == 1:
+        return compute()
+    box = [compute() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -28,7 +28,7 @@ from .arch import SUBLAYERS, dims_of, get_arch
 from .checkpoint import round_embeddings
 from .compensate import apply_masks, compensate
 from .config import CompressConfig
-from .distributed import is_main
+from .distributed import from_main, is_main
 from .evaluation import evaluate
 from .finetune import train
 from .flops import count_params, flops_ratio, plan_flops_ratio, sparsity_for_flops
@@ -223,13 +223,16 @@ def for_flops(plan_at, target: float) -> float:
 
 def for_speedup(plan_at, build, teacher: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
     """(sparsity, measured speed-up) at which ``build(plan_at(sparsity))``, the physically
-    smaller model, runs ``cfg.speedup`` times as fast as ``teacher`` (see ``pgb.latency``)."""
+    smaller model, runs ``cfg.speedup`` times as fast as ``teacher`` (see ``pgb.latency``).
+    Under torchrun, rank 0 measures and the others take its answer (their timings would
+    differ, and so would their models)."""
     def build_at(sparsity: float):
         plan = quiet_plan(plan_at, sparsity)
         return None if plan is None else build(plan)
 
-    return sparsity_for_speedup(build_at, teacher, cfg.speedup, cfg.speedup_batch_size,
-                                cfg.speedup_seq_len, cfg.method)
+    return from_main(lambda: sparsity_for_speedup(
+        build_at, teacher, cfg.speedup, cfg.speedup_batch_size, cfg.speedup_seq_len,
+        cfg.method))
 
 
 def budget_stage(cfg: CompressConfig) -> str:

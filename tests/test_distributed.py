@@ -83,6 +83,7 @@ def worker(out: Path) -> None:
     cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-3, warmup_ratio=0.0, kd_hidden=1.0)
     result["train"] = train(compact, train_batches, cfg, teacher=teacher, progress=False)
     result["trained"] = compact.state_dict()
+    result["from_main"] = dist.from_main(lambda: f"measured on rank {rank}")
     torch.save(result, out / f"rank{rank}.pt")
     if dist.is_main():
         folder = out / "compact"
@@ -109,6 +110,7 @@ def test_helpers_are_no_ops_in_one_process():
     assert (dist.rank(), dist.world(), dist.is_main()) == (0, 1, True)
     assert torch.equal(t, torch.arange(3.0)) and dist.shard(batches) is batches
     assert dist.device() == torch.device("cpu")
+    assert dist.from_main(lambda: 5) == 5
 
 
 @pytest.mark.slow
@@ -133,6 +135,8 @@ def test_compensation_equals_single_process(ranks):
 def test_refinetune_ranks_agree_and_saved_model_loads(ranks):
     out, (r0, r1) = ranks
     assert r0["train"]["steps"] == r1["train"]["steps"] == 3
+    # a measured answer (the speed-up budget's sparsity) is rank 0's on every rank
+    assert r0["from_main"] == r1["from_main"] == "measured on rank 0"
     for name, w in r0["trained"].items():
         assert torch.equal(w, r1["trained"][name]), name  # DDP: identical updates
     model = pgb.load(out / "compact")

@@ -1,11 +1,14 @@
 """Speed-up budgets: the bisection over measured speed-ups has known answers, timings are
 taken interleaved and leave the models as they were, and bad budgets are refused."""
 
+import logging
+import os
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from pgb.config import CompressConfig
@@ -14,6 +17,7 @@ from pgb.latency import (
     VERIFY_REPEATS,
     measured_speedup,
     sparsity_for_speedup,
+    timer,
 )
 
 
@@ -108,3 +112,40 @@ def test_measured_speedup_times_both_models_in_turn():
 def test_bad_speedup_budget_is_refused(cfg, message):
     with pytest.raises(ValueError, match=message):
         CompressConfig(**cfg)
+
+
+def _bert(hidden: int, layers: int, vocab: int = 97) -> nn.Module:
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden,
+                                     num_hidden_layers=layers, num_attention_heads=4,
+                                     intermediate_size=3 * hidden + 1, num_labels=2)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_timer_measures_in_a_fresh_process():
+    """The default measurement runs in another Python process (a fresh malloc heap, as in
+    pgb bench), sees the model as built here, and reports what fails there."""
+    torch.manual_seed(0)
+    big, small = _bert(96, 4), _bert(16, 1)
+    with timer(big, 4, 64) as measure:
+        assert measure.proc.pid != os.getpid()
+        assert measure(small, big, 4, 64, repeats=3) > 1.5  # a tenth of the layer widths
+        assert measure(big, big, 4, 64, repeats=3) == pytest.approx(1.0, rel=0.5)
+        with pytest.raises(ValueError, match=r"measures at \(4, 64\), not \(1, 64\)"):
+            measure(small, big, 1, 64)
+        # token ids past a model's vocabulary: the error comes back named
+        with pytest.raises(RuntimeError, match="timing in a fresh process failed: IndexError"):
+            measure(_bert(16, 1, vocab=3), big, 4, 64, repeats=1)
+        assert measure(small, big, 4, 64, repeats=1) > 1.0  # and the process goes on
+    assert measure.proc.poll() is not None  # stopped on leaving
+
+
+class _Unpicklable(nn.Linear):
+    def __init__(self):
+        super().__init__(2, 2)
+        self.hook = lambda: None  # a lambda cannot be pickled
+
+
+def test_timer_falls_back_to_this_process_loudly(caplog):
+    with caplog.at_level(logging.WARNING, "pgb.latency"), timer(_Unpicklable(), 4, 8) as measure:
+        assert measure is measured_speedup
+    assert "cannot time in a fresh process" in caplog.text
