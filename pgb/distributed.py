@@ -122,7 +122,6 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         offset += t.numel()
 
 
-
 def from_main(compute):
     """``compute()`` on rank 0, its (picklable) result handed to every rank; the other ranks
     wait. For answers that must agree across ranks but are measured, not derived: a timing

@@ -18,9 +18,9 @@ The timing runs in a fresh Python process (:func:`timer`), as ``pgb bench`` and 
 process do: the compressing process has run backward passes, after which glibc's malloc
 keeps large freed blocks instead of handing them back to the kernel, and every later
 forward pass skips the page faults a fresh process pays. The grouped model, whose smaller
-matmuls leave those page faults a larger share of its time, then measured up to 20% faster
-than ``pgb bench`` finds (PGB at sparsity 0.947 on MRPC: 3.18-3.36x after three backward
-passes, 2.74-3.01x in a fresh process, ``benchmarks/results/speedup_budget/allocator.md``).
+matmuls leave those page faults a larger share of its time, then measured faster than
+``pgb bench`` finds (PGB at sparsity 0.947 on MRPC: 3.22-3.31x after three backward passes,
+2.84-2.98x in a fresh process, ``benchmarks/results/speedup_budget/allocator.md``).
 
 Example::
 
@@ -112,7 +112,11 @@ class _Worker:
              str(torch.get_num_threads())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
             env=env)
-        self._answer()  # {"ready": true}, or the reason it did not start
+        try:
+            self._answer()  # {"ready": true}, or the reason it did not start
+        except Exception:
+            self.close()
+            raise
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()

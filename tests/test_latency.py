@@ -149,3 +149,14 @@ def test_timer_falls_back_to_this_process_loudly(caplog):
     with caplog.at_level(logging.WARNING, "pgb.latency"), timer(_Unpicklable(), 4, 8) as measure:
         assert measure is measured_speedup
     assert "cannot time in a fresh process" in caplog.text
+
+
+class _Local(nn.Linear):
+    """Picklable here, but the timing process cannot import this test module."""
+
+
+def test_timer_that_cannot_start_falls_back_and_says_why(caplog):
+    with caplog.at_level(logging.WARNING, "pgb.latency"), timer(_Local(2, 2), 4, 8) as measure:
+        assert measure is measured_speedup
+    assert "the timing process stopped (exit 1)" in caplog.text
+    assert "No module named 'test_latency'" in caplog.text
