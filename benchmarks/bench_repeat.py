@@ -22,11 +22,15 @@ from speed import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_once(folder: str, baseline: str, batch_size: int, seq_len: int) -> float:
+def bench_once(folder: str, baseline: str, batch_size: int, seq_len: int,
+               threads: int | None = None) -> tuple[dict, list[str]]:
+    """``pgb bench`` of ``folder`` against ``baseline`` in its own process: (its JSON, the
+    command)."""
     cmd = ["pgb", "-q", "bench", "--model", folder, "--baseline", baseline, "--batch-size",
-           str(batch_size), "--seq-len", str(seq_len)]
+           str(batch_size), "--seq-len", str(seq_len),
+           *(["--threads", str(threads)] if threads else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["speedup"]
+    return json.loads(out.strip().splitlines()[-1]), cmd
 
 
 def main() -> int:
@@ -42,7 +46,7 @@ def main() -> int:
     for i in range(args.times):
         for folder in args.folders:
             runs[folder].append(bench_once(folder, args.baseline, args.batch_size,
-                                           args.seq_len))
+                                           args.seq_len)[0]["speedup"])
             print(json.dumps({"run": i, "folder": folder, "speedup": runs[folder][-1]}),
                   flush=True)
     meta = {"baseline": args.baseline, "batch_size": args.batch_size, "seq_len": args.seq_len,

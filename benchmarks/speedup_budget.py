@@ -24,14 +24,11 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_repeat import bench_once
 
 from pgb.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_method(task: str, method: str, targets: list[str], args) -> list[dict]:
@@ -47,11 +44,8 @@ def run_method(task: str, method: str, targets: list[str], args) -> list[dict]:
     rows = []
     for name in json.loads((out / "sweep.json").read_text())["folders"]:
         report = json.loads((out / name / "report.json").read_text())
-        bench_cmd = ["pgb", "-q", "bench", "--model", str(out / name), "--baseline",
-                     str(Path(args.teachers) / task), "--batch-size", str(args.batch_size),
-                     "--seq-len", str(args.seq_len), "--threads", str(torch.get_num_threads())]
-        bench = _last_json(subprocess.run(bench_cmd, check=True, capture_output=True,
-                                          text=True).stdout)
+        bench, bench_cmd = bench_once(str(out / name), str(Path(args.teachers) / task),
+                                      args.batch_size, args.seq_len, torch.get_num_threads())
         rows.append({
             "method": method, "target_speedup": report["target_speedup"],
             "sparsity": report["target_sparsity"],
