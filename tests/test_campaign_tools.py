@@ -442,3 +442,47 @@ def test_compile_speed_table_gives_both_comparisons():
     row = next(line for line in compile_speed.table(record).splitlines() if "| pgb |" in line)
     # compiled/eager 0.50; both eager 40/20; both compiled 32/10; compiled vs eager 40/10
     assert row == "| 1x128 | pgb | 20.0 | 10.0 | 0.50 | 2.00x | 3.20x | 4.00x |"
+
+
+# ---------------------------------------------------------------- report_table.py
+
+def _compress_report(task: str, method: str, lr: float, seed: int, after: float) -> dict:
+    """A pgb compress report.json with the keys report_table reads, known values."""
+    return {"task": task, "method": method, "target_sparsity": 0.5,
+            "config": {"refinetune_lr": lr, "seed": seed},
+            "stage_seconds": {"importance": 10.0, "grouping": 20.0, "compensation": 5.0,
+                              "refinetune": 100.0},
+            "refinetune": {"steps": 115}, "command": f"pgb compress --method {method}",
+            "metrics": {"accuracy": after, "f1": 0.5},
+            "metrics_before_refinetune": {"accuracy": 0.7, "f1": 0.4},
+            "teacher_metrics": {"accuracy": 0.8, "f1": 0.9}}
+
+
+def test_report_table_rows_from_report_and_campaign_files(tmp_path):
+    report_table = _load("report_table")
+    (tmp_path / "a-report.json").write_text(
+        json.dumps(_compress_report("mrpc", "pgb", 3e-4, 1, 0.792)))
+    # a campaign JSON: the task and commands beside a report without them
+    trimmed = _compress_report("mrpc", "structured", 1e-4, 0, 0.8)
+    for key in ("task", "command", "refinetune"):
+        trimmed.pop(key)
+    trimmed["refinetune_steps"] = 115
+    (tmp_path / "b.json").write_text(json.dumps(
+        {"task": "mrpc", "commands": ["pgb compress --method structured"], "report": trimmed}))
+    out = tmp_path / "t.md"
+    assert report_table.main([str(tmp_path), "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| mrpc")]
+    # sorted by method; 0.792 / 0.8 = 99.0%; prune + compensate = 10 + 20 + 5
+    assert rows[0].startswith("| mrpc | pgb | 0.5 | 0.0003 | 115 | 1 | accuracy | 0.7000 "
+                              "| 0.7920 | 0.8000 | 99.0% | 35 | 100 |")
+    assert rows[1].startswith("| mrpc | structured | 0.5 | 0.0001 | 115 | 0 | accuracy |")
+    assert rows[1].endswith("| `pgb compress --method structured` |")
+
+
+def test_report_table_rejects_what_is_not_a_report(tmp_path):
+    report_table = _load("report_table")
+    (tmp_path / "x.json").write_text(json.dumps({"speedup": 2.0}))
+    with pytest.raises(ValueError, match="not a pgb compress report"):
+        report_table.collect([tmp_path])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report_table.collect([tmp_path / "missing"])
