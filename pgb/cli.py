@@ -67,13 +67,16 @@ def _out_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float, default=3.0,
+                   help="epochs over the training split (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--max-train-samples", type=int, help="train on a seeded subset")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per example, longer ones truncated (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-5,
+                   help="peak learning rate, linear warm-up and decay (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +100,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speedup-seq-len", type=_positive_int, default=128,
                    help="sequence length the --speedup budget is measured at")
     p.add_argument("--method", default="pgb", help="pgb, magnitude or structured")
-    p.add_argument("--calib-samples", type=int, default=1024)
+    p.add_argument("--calib-samples", type=int, default=1024,
+                   help="training examples for importance and compensation (default: "
+                        "%(default)s)")
     p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")
     p.add_argument("--no-permutation", action="store_true", help="ablation: contiguous blocks")
     p.add_argument("--uniform-groups", action="store_true", help="ablation: one G everywhere")
@@ -110,16 +115,24 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    help="round and store the token-embedding table in this precision "
                         "(float16: MiniLM-L6 checkpoint 0.33x instead of 0.59x at S = 0.875; "
                         "computation stays float32)")
-    p.add_argument("--no-compensation", action="store_true")
-    p.add_argument("--no-refinetune", action="store_true")
+    p.add_argument("--no-compensation", action="store_true",
+                   help="ablation: no least-squares weight compensation")
+    p.add_argument("--no-refinetune", action="store_true",
+                   help="one shot: stop after compensation")
     p.add_argument("--no-distill", action="store_true", help="re-finetune on the task loss only")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--refinetune-epochs", type=float, default=1.0)
-    group.add_argument("--refinetune-steps", type=int)
-    p.add_argument("--refinetune-lr", type=float, default=1e-4)
+    group.add_argument("--refinetune-epochs", type=float, default=1.0,
+                       help="re-finetuning budget in epochs of the training split "
+                            "(default: %(default)s)")
+    group.add_argument("--refinetune-steps", type=int,
+                       help="re-finetuning budget in optimizer steps instead of epochs")
+    p.add_argument("--refinetune-lr", type=float, default=1e-4,
+                   help="re-finetuning peak learning rate (default: %(default)s)")
     p.add_argument("--max-train-samples", type=int, help="re-finetune on a seeded subset")
-    p.add_argument("--max-groups", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-groups", type=int, default=16,
+                   help="largest group count G tried per sublayer (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration sample and of re-finetuning")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted re-finetune from OUT's checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=100,
@@ -141,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (teacher or pgb output)")
     _task_args(p)
     p.add_argument("--split", help="split to score (default: the task's dev split(s))")
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-samples", type=int,
+                   help="score a seeded subset of this many examples")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     p = sub.add_parser("compress", help="compress a fine-tuned teacher")
     p.add_argument("--model", required=True, help="the fine-tuned teacher folder")
     _task_args(p)
@@ -155,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(p)
     _out_args(p)
     _compress_args(p)
-    p.add_argument("--teacher-epochs", type=float, default=3.0)
-    p.add_argument("--teacher-max-train-samples", type=int)
+    p.add_argument("--teacher-epochs", type=float, default=3.0,
+                   help="epochs of teacher fine-tuning when --model is not yet tuned for "
+                        "the task (default: %(default)s)")
+    p.add_argument("--teacher-max-train-samples", type=int,
+                   help="fine-tune the teacher on a seeded subset of this many examples")
     sub.add_parser("env", help="versions for bug reports")
     from .cli_tools import add_tool_parsers
 

@@ -465,3 +465,16 @@ def test_sparsity_and_flops_budget_are_exclusive(pipeline_dirs, tmp_path, capsys
               str(tmp_path / "x")])
     assert "one of the arguments --sparsity --flops-ratio --speedup is required" in \
         capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from pgb.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {opt.option_strings[0]}" for name, command in sub.choices.items()
+               for opt in command._actions
+               if opt.option_strings and opt.help in (None, "") and opt.dest != "help"]
+    assert missing == []
