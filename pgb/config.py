@@ -175,6 +175,9 @@ class CompressConfig(_Base):
                              "float32 transformers folder (use --embedding-dtype float32)")
         if self.refinetune_epochs <= 0:
             raise ValueError(f"refinetune_epochs must be > 0, got {self.refinetune_epochs}")
+        if not self.refinetune_lr > 0:
+            raise ValueError(f"refinetune_lr must be > 0, got {self.refinetune_lr}; e.g. "
+                             "--refinetune-lr 1e-4")
 
     def budget_flag(self) -> str | None:
         """The command-line flag of a budget other than sparsity, or None."""

@@ -126,6 +126,7 @@ def sentences_logits(folder: Path) -> torch.Tensor:
     (["--sparsity", "-0.1"], r"sparsity must be in \[0, 1\), got -0.1"),
     (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\), got 1.0"),
     (["--sparsity", "0.5", "--importance", "grad"], "unknown importance 'grad'"),
+    (["--sparsity", "0.5", "--refinetune-lr", "0"], r"refinetune_lr must be > 0, got 0.0"),
     (["--sparsity", "0.5", "--task", "custom"], "--task custom needs --train-file"),
 ])
 def test_bad_compress_settings_fail_before_any_work(teacher, data_dir, tmp_path, capsys,
