@@ -471,7 +471,9 @@ def test_report_table_rows_from_report_and_campaign_files(tmp_path):
         {"task": "mrpc", "commands": ["pgb compress --method structured"], "report": trimmed}))
     out = tmp_path / "t.md"
     assert report_table.main([str(tmp_path), "--out", str(out)]) == 0
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| mrpc")]
+    text = out.read_text()
+    assert f"Command: `python benchmarks/report_table.py {tmp_path} --out {out} --title" in text
+    rows = [line for line in text.splitlines() if line.startswith("| mrpc")]
     # sorted by method; 0.792 / 0.8 = 99.0%; prune + compensate = 10 + 20 + 5
     assert rows[0].startswith("| mrpc | pgb | 0.5 | 0.0003 | 115 | 1 | accuracy | 0.7000 "
                               "| 0.7920 | 0.8000 | 99.0% | 35 | 100 |")
