@@ -3,7 +3,8 @@
 Reads each given ``report.json`` (the file `pgb compress` writes) or campaign JSON (which
 holds one under ``"report"``), and writes one row per run: task, method, sparsity,
 re-finetuning learning rate, steps and seed, the dev metric one shot and re-finetuned,
-its share of the teacher's, the stage seconds and the command that made it.
+its share of the teacher's, the stage seconds, the re-finetuned model's other metrics
+and the command that made it.
 
 Usage: python benchmarks/report_table.py FILE_OR_FOLDER... --out TABLE.md [--title T]
 """
@@ -70,16 +71,19 @@ def row(path: Path, r: dict) -> str:
     sec = r["stage_seconds"]
     prune = sum(v for k, v in sec.items() if k != "refinetune")
     steps = (r.get("refinetune") or {}).get("steps", 0)
+    other = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()
+                      if k not in (key, "samples") and isinstance(v, float))
     return (f"| {task} | {r['method']} | {r['target_sparsity']} | {cfg['refinetune_lr']:g} "
             f"| {steps} | {cfg['seed']} | {key} | {_fmt(before)} | {_fmt(after)} "
             f"| {_fmt(teacher)} | {share} | {prune:.0f} | {sec.get('refinetune', 0):.0f} "
-            f"| `{_shown(path)}` | `{r.get('command', '')}` |")
+            f"| {other} | `{_shown(path)}` | `{r.get('command', '')}` |")
 
 
 def table(reports: list[tuple[Path, dict]], title: str, command: str = "") -> str:
-    head = ("| task | method | S | lr | steps | seed | metric | one shot | re-finetuned | teacher "
-            "| % of teacher | prune + compensate s | re-finetune s | file | command |\n"
-            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
+    head = ("| task | method | S | lr | steps | seed | metric | one shot | re-finetuned "
+            "| teacher | % of teacher | prune + compensate s | re-finetune s | other metrics "
+            "| file | command |\n"
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|")
     rows = sorted(reports, key=lambda pr: (pr[1]["task"], pr[1]["target_sparsity"],
                                            pr[1]["method"], pr[1]["config"]["refinetune_lr"],
                                            pr[1]["config"]["seed"]))

@@ -477,6 +477,7 @@ def test_report_table_rows_from_report_and_campaign_files(tmp_path):
     # sorted by method; 0.792 / 0.8 = 99.0%; prune + compensate = 10 + 20 + 5
     assert rows[0].startswith("| mrpc | pgb | 0.5 | 0.0003 | 115 | 1 | accuracy | 0.7000 "
                               "| 0.7920 | 0.8000 | 99.0% | 35 | 100 |")
+    assert "| 100 | f1 0.5000 | `" in rows[0]
     assert rows[1].startswith("| mrpc | structured | 0.5 | 0.0001 | 115 | 0 | accuracy |")
     assert rows[1].endswith("| `pgb compress --method structured` |")
 
