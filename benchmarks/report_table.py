@@ -16,9 +16,7 @@ import json
 import shlex
 from pathlib import Path
 
-# The metric each task is judged by (the others stay in the report files).
-MAIN_METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "stsb": "spearman", "cola": "mcc",
-               "squad": "f1"}
+from pgb.tasks import get_task
 
 
 def load_report(path: Path) -> dict:
@@ -64,7 +62,7 @@ def _fmt(x: float | None) -> str:
 
 def row(path: Path, r: dict) -> str:
     task, cfg = r["task"], r["config"]
-    key = MAIN_METRIC.get(task, next(iter(r["metrics"])))
+    key = get_task(task).main_metric
     after, teacher = r["metrics"].get(key), r["teacher_metrics"].get(key)
     before = (r.get("metrics_before_refinetune") or {}).get(key)
     share = f"{100 * after / teacher:.1f}%" if after is not None and teacher else ""
