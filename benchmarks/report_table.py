@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pgb.tasks import get_task
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def load_report(path: Path) -> dict:
     """The report of one run: a report.json as written, or the "report" of a campaign JSON."""
@@ -49,9 +51,8 @@ def collect(paths: list[Path]) -> list[tuple[Path, dict]]:
 
 def _shown(path: Path) -> str:
     """The path from the repository root where it lies inside it (rows then name their file)."""
-    root = Path(__file__).resolve().parents[1]
     try:
-        return str(path.resolve().relative_to(root))
+        return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from . import distributed as dist
-from .config import EMBEDDING_DTYPES
+from .config import EMBEDDING_DTYPES, CompressConfig, TrainConfig
 
 log = logging.getLogger("pgb")
 
@@ -33,6 +34,13 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-columns", help="custom task: one or two comma-separated columns")
     p.add_argument("--label-column", default="label", help="custom task: label column")
     p.add_argument("--regression", action="store_true", help="custom task: numeric labels")
+
+
+def _field_help(config_cls: type, name: str) -> str:
+    """An option's help from its config field's own help text (one source), with the default."""
+    field = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    default = "" if field.default is None else " (default: %(default)s)"
+    return field.metadata["help"] + default
 
 
 def _positive_int(text: str) -> int:
@@ -67,16 +75,15 @@ def _out_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=float, default=3.0,
-                   help="epochs over the training split (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=float, default=3.0, help=_field_help(TrainConfig, "epochs"))
+    p.add_argument("--max-steps", type=int, help=_field_help(TrainConfig, "max_steps"))
     p.add_argument("--max-train-samples", type=int, help="train on a seeded subset")
     p.add_argument("--max-length", type=int, default=128,
                    help="tokens per example, longer ones truncated (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=5e-5,
-                   help="peak learning rate, linear warm-up and decay (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help=_field_help(TrainConfig, "batch_size"))
+    p.add_argument("--lr", type=float, default=5e-5, help=_field_help(TrainConfig, "lr"))
+    p.add_argument("--seed", type=int, default=42, help=_field_help(TrainConfig, "seed"))
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
@@ -101,8 +108,7 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    help="sequence length the --speedup budget is measured at")
     p.add_argument("--method", default="pgb", help="pgb, magnitude or structured")
     p.add_argument("--calib-samples", type=int, default=1024,
-                   help="training examples for importance and compensation (default: "
-                        "%(default)s)")
+                   help=_field_help(CompressConfig, "calib_samples"))
     p.add_argument("--importance", default="fisher", help="fisher, magnitude or activation")
     p.add_argument("--no-permutation", action="store_true", help="ablation: contiguous blocks")
     p.add_argument("--uniform-groups", action="store_true", help="ablation: one G everywhere")
@@ -122,17 +128,15 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-distill", action="store_true", help="re-finetune on the task loss only")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--refinetune-epochs", type=float, default=1.0,
-                       help="re-finetuning budget in epochs of the training split "
-                            "(default: %(default)s)")
+                       help=_field_help(CompressConfig, "refinetune_epochs"))
     group.add_argument("--refinetune-steps", type=int,
-                       help="re-finetuning budget in optimizer steps instead of epochs")
+                       help=_field_help(CompressConfig, "refinetune_steps"))
     p.add_argument("--refinetune-lr", type=float, default=1e-4,
-                   help="re-finetuning peak learning rate (default: %(default)s)")
+                   help=_field_help(CompressConfig, "refinetune_lr"))
     p.add_argument("--max-train-samples", type=int, help="re-finetune on a seeded subset")
     p.add_argument("--max-groups", type=int, default=16,
-                   help="largest group count G tried per sublayer (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the calibration sample and of re-finetuning")
+                   help=_field_help(CompressConfig, "max_groups"))
+    p.add_argument("--seed", type=int, default=0, help=_field_help(CompressConfig, "seed"))
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted re-finetune from OUT's checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=100,
@@ -156,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to score (default: the task's dev split(s))")
     p.add_argument("--max-samples", type=int,
                    help="score a seeded subset of this many examples")
-    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="examples per forward (default: %(default)s)")
     p = sub.add_parser("compress", help="compress a fine-tuned teacher")
     p.add_argument("--model", required=True, help="the fine-tuned teacher folder")
     _task_args(p)
