@@ -19,7 +19,8 @@ Tables and plots come from those files alone (``benchmarks/make_results.py``).
   their own bench process (both speed-ups measured under the same machine load).
 
 Usage: ``python benchmarks/campaign.py --tasks mrpc --sparsities 0.5 --methods pgb,structured``
-(``--dry-run`` prints the commands only). Run names look like ``minilm-sst2-pgb-s0.875-rft``.
+(``--dry-run`` prints the commands only, and the time they are projected to take from the
+runs on record). Run names look like ``minilm-sst2-pgb-s0.875-rft``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import datetime
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -291,6 +293,71 @@ def eta_seconds(todo: list[Run], done: dict[bool, list[float]]) -> float | None:
     return sum(mean.get(r.refinetune, overall) for r in todo)
 
 
+def recorded_seconds(results: Path) -> dict[tuple, list[float]]:
+    """Wall seconds of the successful runs on record in ``results``, keyed by (task, variant,
+    re-finetuned). A re-finetuned run also stands for its one-shot twin, less its
+    re-finetune stage, under (task, variant, "derived")."""
+    seconds: dict[tuple, list[float]] = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(rec, dict) or "error" in rec or "wall_seconds" not in rec:
+            continue
+        task, variant, rft = rec.get("task"), rec.get("variant"), bool(rec.get("refinetune"))
+        seconds.setdefault((task, variant, rft), []).append(float(rec["wall_seconds"]))
+        stages = (rec.get("report") or {}).get("stage_seconds") or {}
+        if rft and "refinetune" in stages:
+            seconds.setdefault((task, variant, "derived"), []).append(
+                float(rec["wall_seconds"]) - float(stages["refinetune"]))
+    return seconds
+
+
+def projected_seconds(run: Run, seconds: dict[tuple, list[float]]) -> float | None:
+    """The median recorded duration of runs like ``run``: same task, method and
+    re-finetuning; for a one-shot run without such a record, its re-finetuned twins less
+    their re-finetune stage. None when the task and method have no record."""
+    keys = [(run.task, run.variant, run.refinetune)]
+    if not run.refinetune:
+        keys.append((run.task, run.variant, "derived"))
+    for key in keys:
+        if seconds.get(key):
+            return statistics.median(seconds[key])
+    return None
+
+
+def teacher_seconds(task: str) -> float | None:
+    """Training seconds of the task's teacher as recorded by benchmarks/teachers.sh."""
+    try:
+        rec = json.loads((ROOT / "benchmarks" / "results" / "teachers" / f"{task}.json")
+                         .read_text())
+        return float(rec["train"]["seconds"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def projection(runs: list[Run], cfg: Settings) -> str:
+    """One line: the projected wall time of ``runs`` from the records in ``cfg.results``
+    (and of the teachers ``benchmarks/teachers.sh`` would have to train first)."""
+    seconds = recorded_seconds(cfg.results)
+    known = [t for t in (projected_seconds(r, seconds) for r in runs) if t is not None]
+    missing = len(runs) - len(known)
+    teachers = {r.task for r in runs if not (cfg.teachers / r.task).is_dir()
+                and cfg.teachers == DEFAULT_TEACHERS}
+    train = [t for t in map(teacher_seconds, sorted(teachers)) if t is not None]
+    if not known and not train:
+        return f"# projected: unknown (no runs on record like these in {show(cfg.results)})"
+    line = (f"# projected: {hms(sum(known) + sum(train))} for {len(known)} runs "
+            f"(median recorded seconds per task, method and re-finetuning, from "
+            f"{show(cfg.results)})")
+    if train:
+        line += f", {hms(sum(train))} of it for {len(train)} teacher{'s' * (len(train) > 1)}"
+    if missing:
+        line += f"; {missing} runs have no record like them and are not counted"
+    return line
+
+
 def hms(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -316,6 +383,7 @@ def dry_run(runs: list[Run], cfg: Settings, planned: set[str], limit: int | None
         print(f"# {run.name}")
         print(shlex.join(compress_cmd(run, teacher, cfg.runs / run.name, cfg)))
         print(shlex.join(bench_cmd(cfg.runs / run.name, teacher, cfg, structured)))
+    print(projection(runs[:limit], cfg))
 
 
 def campaign(runs: list[Run], cfg: Settings, force: bool, limit: int | None) -> int:

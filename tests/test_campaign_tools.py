@@ -194,7 +194,8 @@ def test_dry_run_prints_exact_commands(capsys, tmp_path):
     lines = dry(capsys, tmp_path, "--methods", "pgb,pgb-noperm,magnitude,structured",
                 "--refinetune", "both")
     t, r, d = tmp_path / "teachers" / "mrpc", tmp_path / "runs", str(tmp_path / "data")
-    names = [line[2:] for line in lines[1:] if line.startswith("# ")]
+    names = [line[2:] for line in lines[1:] if line.startswith("# minilm-")]
+    assert lines[-1].startswith("# projected: unknown (no runs on record like these in ")
     assert names == [f"minilm-mrpc-{v}-s0.5-{rft}" for rft in ("nrft", "rft")
                      for v in ("structured", "magnitude", "pgb", "pgb-noperm")]
     cmds = {(c[2], c[c.index("--out" if c[2] == "compress" else "--model") + 1]): c
@@ -240,12 +241,34 @@ def test_dry_run_variant_flags_and_bench_settings(capsys, tmp_path):
                                         "--threads", "1"]] * 2
 
 
+def test_dry_run_projects_the_time_from_runs_on_record(capsys, tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    for sparsity, wall in ((0.75, 100.0), (0.875, 300.0), (0.6, 1000.0)):
+        record = result("mrpc", "pgb", sparsity, 0.7, 1.5)  # re-finetune stage: 100 s
+        record["wall_seconds"] = wall
+        (res / f"{record['name']}.json").write_text(json.dumps(record))
+    failed = {**result("mrpc", "magnitude", 0.75, 0.7, 1.0), "error": "RunFailed"}
+    (res / "failed.json").write_text(json.dumps(failed))
+    (res / "broken.json").write_text("{")
+    lines = dry(capsys, tmp_path, "--methods", "pgb,magnitude", "--refinetune", "both")
+    # pgb re-finetuned: median of 100, 300, 1000 = 300; one shot: its twins less their
+    # re-finetune stage, median of 0, 200, 900 = 200; magnitude has only a failed run
+    assert lines[-1].startswith("# projected: 0h08m20s for 2 runs")
+    assert lines[-1].endswith("; 2 runs have no record like them and are not counted")
+
+
 def test_missing_teacher_is_built_by_teachers_sh(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "DEFAULT_TEACHERS", tmp_path / "teachers")
     lines = dry(capsys, tmp_path, "--tasks", "mrpc,stsb", "--methods", "pgb",
                 "--refinetune", "no")
     assert lines.count("bash benchmarks/teachers.sh stsb") == 1
     assert "bash benchmarks/teachers.sh mrpc" not in lines  # its folder exists
+    # the projection counts the STS-B teacher's recorded training time (no runs on record)
+    seconds = campaign.teacher_seconds("stsb")
+    assert seconds is not None and seconds > 0
+    assert lines[-1].startswith(f"# projected: {campaign.hms(seconds)} for 0 runs")
+    assert f"{campaign.hms(seconds)} of it for 1 teacher;" in lines[-1]
 
 
 def test_missing_teacher_elsewhere_is_an_explained_error(capsys, tmp_path):
