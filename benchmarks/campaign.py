@@ -140,9 +140,15 @@ def bench_cmd(out: Path, teacher: Path, cfg: Settings, structured: Path | None) 
     return cmd + list(cfg.bench_args)
 
 
+def builds_teachers(cfg: Settings) -> bool:
+    """Whether benchmarks/teachers.sh makes this campaign's missing teachers: only the
+    default MiniLM teachers, in the default folder."""
+    return cfg.model is None and cfg.teachers.resolve() == DEFAULT_TEACHERS.resolve()
+
+
 def teacher_cmd(task: str, cfg: Settings) -> list[str]:
     """How a missing teacher is made; only the default MiniLM teachers can be built here."""
-    if cfg.model is not None or cfg.teachers.resolve() != DEFAULT_TEACHERS.resolve():
+    if not builds_teachers(cfg):
         raise FileNotFoundError(
             f"no teacher at {cfg.teachers / task}; benchmarks/teachers.sh only builds the "
             f"MiniLM teachers under runs/teachers. Fine-tune one with `pgb finetune --model "
@@ -343,8 +349,8 @@ def projection(runs: list[Run], cfg: Settings) -> str:
     seconds = recorded_seconds(cfg.results)
     known = [t for t in (projected_seconds(r, seconds) for r in runs) if t is not None]
     missing = len(runs) - len(known)
-    teachers = {r.task for r in runs if not (cfg.teachers / r.task).is_dir()
-                and cfg.teachers == DEFAULT_TEACHERS}
+    teachers = {r.task for r in runs
+                if builds_teachers(cfg) and not (cfg.teachers / r.task).is_dir()}
     train = [t for t in map(teacher_seconds, sorted(teachers)) if t is not None]
     if not known and not train:
         return f"# projected: unknown (no runs on record like these in {show(cfg.results)})"
