@@ -111,7 +111,8 @@ class CompressConfig(_Base):
     refinetune_steps: int | None = _help("re-finetuning optimizer steps", None)
     refinetune_lr: float = _help("re-finetuning learning rate", 1e-4)
     kd_hidden: float = _help("weight of hidden-state distillation in re-finetuning "
-                             "(0: logits only, the default: it did not help on MRPC)", 0.0)
+                             "(0: logits only, the default: it did not help on MRPC or "
+                             "STS-B)", 0.0)
     max_train_samples: int | None = _help("cap on re-finetuning examples", None)
     max_length: int = _help("token length of calibration and training examples", 128)
     batch_size: int = _help("re-finetuning batch size", 32)
