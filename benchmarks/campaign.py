@@ -1,22 +1,33 @@
 """The benchmark campaign: compress every (task, sparsity, method, re-finetune) point and bench it.
 
-For each point the runner calls the CLI, exactly as a person would::
+For each task, method and re-finetuning the runner calls the CLI, exactly as a person
+would: one sparsity sweep (importance scores and grouping searches computed once; each
+budget's model is the one its single run writes), whose budget folders then move to
+``<runs>/<name>``, and one bench per point::
 
-    pgb -q compress --model <teacher> --task <task> --data-dir <data> --sparsity S \
-        --out <runs>/<name> [variant flags] [--no-refinetune]
+    pgb -q compress --model <teacher> --task <task> --data-dir <data> --sparsity S1,S2,S3 \
+        --out <runs>/<sweep name> [variant flags] [--no-refinetune] \
+        [--teacher-cache <runs>/teacher-cache]
     pgb -q bench --model <runs>/<name> --baseline <teacher> --batch-size B --seq-len L \
         --threads T [--structured <runs>/<structured run of the same point>]
 
 and writes one JSON per run to ``<results>/<name>.json`` (schema in benchmarks/README.md).
 Tables and plots come from those files alone (``benchmarks/make_results.py``).
+Re-finetuning runs share the teacher's outputs through ``--teacher-cache`` (the same
+batches in every run of a task: the teacher runs forward once per task, results
+unchanged). ``--no-sweep`` makes one compress command per run (``--sparsity S``,
+``--out <runs>/<name>``).
 
 - Resumable: a run whose result JSON exists is skipped (``--force`` re-runs everything,
   ``--retry-failed`` re-runs the failed ones); a finished compress folder is reused, so a
   run interrupted while benching only benches again.
 - A failing run is recorded (``"error"`` and the stderr tail) and the campaign goes on.
 - Order: no-re-finetune runs first (minutes each: a quick full picture), then re-finetuned
-  ones; inside a point, ``structured`` before the PGB variants so that they can time it in
+  ones; inside a task, ``structured`` before the PGB variants so that they can time it in
   their own bench process (both speed-ups measured under the same machine load).
+- A sweep's command time is shared out evenly over its runs' ``wall_seconds``; its later
+  budgets record ``shared_prune_seconds`` (the first budget's importance + grouping), which
+  ``make_results`` adds to their prune + compensate time: what each would spend alone.
 
 Usage: ``python benchmarks/campaign.py --tasks mrpc --sparsities 0.5 --methods pgb,structured``
 (``--dry-run`` prints the commands only, and the time they are projected to take from the
@@ -30,6 +41,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +114,7 @@ class Settings:
     seed: int | None
     compress_args: tuple[str, ...]
     bench_args: tuple[str, ...]
+    teacher_cache: Path | None = None  # --teacher-cache of every re-finetuning compress
 
 
 def plan(tag: str, tasks: list[str], sparsities: list[float], variants: list[str],
@@ -122,11 +135,16 @@ def show(path: Path | str) -> str:
 
 
 def compress_cmd(run: Run, teacher: Path, out: Path, cfg: Settings, overwrite: bool = False,
-                 resume: bool = False) -> list[str]:
+                 resume: bool = False, sparsities: list[float] | None = None) -> list[str]:
+    """``pgb compress`` for ``run``, or for a sweep over ``sparsities`` (its other settings
+    those of ``run``)."""
+    budgets = ",".join(f"{s:g}" for s in sparsities or [run.sparsity])
     cmd = ["pgb", "-q", "compress", "--model", show(teacher), "--task", run.task,
-           "--data-dir", show(cfg.data_dir), "--sparsity", f"{run.sparsity:g}",
+           "--data-dir", show(cfg.data_dir), "--sparsity", budgets,
            "--out", show(out), *VARIANTS[run.variant][1]]
     cmd += [] if run.refinetune else ["--no-refinetune"]
+    if run.refinetune and cfg.teacher_cache is not None:
+        cmd += ["--teacher-cache", show(cfg.teacher_cache)]
     cmd += [] if cfg.seed is None else ["--seed", str(cfg.seed)]
     cmd += ["--overwrite"] if overwrite else (["--resume"] if resume else [])
     return cmd + list(cfg.compress_args)
@@ -233,37 +251,110 @@ def ensure_teacher(task: str, cfg: Settings, cache: dict[str, str | None]) -> No
         raise RuntimeError(cache[task])
 
 
-def execute(run: Run, cfg: Settings, force: bool, teacher_errors: dict) -> dict:
-    """Compress (or reuse the finished folder), bench, and return the result record."""
+def sweeps(runs: list[Run]) -> list[list[Run]]:
+    """The runs grouped by compress command, in execution order: one command per task,
+    method and re-finetuning, a sparsity sweep when it has several budgets to make."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.refinetune, run.task, run.variant), []).append(run)
+    return list(groups.values())
+
+
+def sweep_out(runs: list[Run], cfg: Settings) -> Path:
+    """Where a sweep writes before its budget folders move to their runs' folders."""
+    first = runs[0]
+    return cfg.runs / first.name.replace(f"-s{first.sparsity:g}-", "-sweep-")
+
+
+def group_cmd(runs: list[Run], teacher: Path, cfg: Settings, force: bool) -> list[str]:
+    """The one compress command that makes ``runs`` (the same task, method and
+    re-finetuning)."""
+    if len(runs) == 1:
+        out, name = cfg.runs / runs[0].name, runs[0].name
+    else:
+        out = sweep_out(runs, cfg)
+        name = out.name
+    resume = (cfg.runs / f".{name}.resume").is_dir() and not force
+    overwrite = out.exists() and (force or len(runs) > 1)  # a sweep folder is ours to redo
+    return compress_cmd(runs[0], teacher, out, cfg, overwrite=overwrite, resume=resume,
+                        sparsities=[r.sparsity for r in runs] if len(runs) > 1 else None)
+
+
+def compress_group(runs: list[Run], cmd: list[str], cfg: Settings) -> None:
+    """Run ``cmd``, the compress command of ``runs``; a sweep's budget folders then move to
+    their runs' folders (``<runs>/<run name>``, as a single run writes)."""
+    call(cmd)
+    if len(runs) > 1:
+        out = sweep_out(runs, cfg)
+        for run in runs:
+            dest = cfg.runs / run.name
+            if dest.exists():  # --force: the campaign's own earlier output
+                shutil.rmtree(dest)
+            os.replace(out / f"s{run.sparsity:g}", dest)
+        shutil.rmtree(out)
+
+
+def shared_prune_seconds(report: dict) -> float:
+    """Seconds of the stages a sweep computes once (importance scores, grouping searches),
+    from its first budget's report: what each later budget would spend alone."""
+    stages = report.get("stage_seconds") or {}
+    return round(sum(stages.get(k) or 0.0 for k in ("importance", "grouping")), 1)
+
+
+def execute(runs: list[Run], cfg: Settings, force: bool, teacher_errors: dict) -> list[dict]:
+    """Compress ``runs`` with one command (reusing finished folders), bench each, and
+    return their result records. A sweep's command time is shared out evenly over its
+    runs' ``wall_seconds``."""
     start = time.time()
-    teacher, out = cfg.teachers / run.task, cfg.runs / run.name
-    record = base_record(run, cfg, teacher)
+    teacher = cfg.teachers / runs[0].task
+    records = [base_record(run, cfg, teacher) for run in runs]
+    todo = [r for r in runs if force or not (cfg.runs / r.name / "report.json").is_file()]
+    cmd = group_cmd(todo, teacher, cfg, force) if todo else []
     try:
-        ensure_teacher(run.task, cfg, teacher_errors)
-        record["model"] = base_model(cfg, teacher)
-        if force or not (out / "report.json").is_file():
-            resume = (cfg.runs / f".{run.name}.resume").is_dir()
-            cmd = compress_cmd(run, teacher, out, cfg, overwrite=force and out.exists(),
-                               resume=resume and not force)
-            record["commands"].append(shlex.join(cmd))
-            call(cmd)
-        else:
-            record["reused_compress_output"] = True
-        report = json.loads((out / "report.json").read_text())
-        record["versions"] = report.get("versions")
-        record["report"] = select_report(report, run.task)
-        if record["seed"] is None:
-            record["seed"] = (report.get("config") or {}).get("seed")
-        record["loadavg_before_bench"] = list(os.getloadavg())
-        cmd = bench_cmd(out, teacher, cfg, structured_for(run, cfg, planned=False))
-        record["commands"].append(shlex.join(cmd))
-        record["bench"] = last_json(call(cmd))
+        ensure_teacher(runs[0].task, cfg, teacher_errors)
+        if todo:
+            compress_group(todo, cmd, cfg)
     except Exception as err:  # any failure is recorded and the campaign goes on
-        record["error"] = f"{type(err).__name__}: {err}"
-        record["stderr_tail"] = getattr(err, "stderr_tail", "")
+        for run, record in zip(runs, records, strict=True):
+            record["commands"] = [shlex.join(cmd)] if run in todo else []
+            failed(record, err)
+            record["wall_seconds"] = round((time.time() - start) / len(runs), 1)
+        return records
+    share = (time.time() - start) / len(todo) if todo else 0.0
+    first: dict | None = None
+    for run, record in zip(runs, records, strict=True):
+        t0, out = time.time(), cfg.runs / run.name
+        record["model"] = base_model(cfg, teacher)
+        try:
+            report = json.loads((out / "report.json").read_text())
+            if run in todo:
+                record["commands"].append(shlex.join(cmd))
+                if len(todo) > 1:
+                    record["sweep"] = [r.sparsity for r in todo]
+                    if first is not None:
+                        record["shared_prune_seconds"] = shared_prune_seconds(first)
+                    first = first or report
+            else:
+                record["reused_compress_output"] = True
+            record["versions"] = report.get("versions")
+            record["report"] = select_report(report, run.task)
+            if record["seed"] is None:
+                record["seed"] = (report.get("config") or {}).get("seed")
+            record["loadavg_before_bench"] = list(os.getloadavg())
+            bench = bench_cmd(out, teacher, cfg, structured_for(run, cfg, planned=False))
+            record["commands"].append(shlex.join(bench))
+            record["bench"] = last_json(call(bench))
+        except Exception as err:
+            failed(record, err)
+        record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        record["wall_seconds"] = round(time.time() - t0 + (share if run in todo else 0.0), 1)
+    return records
+
+
+def failed(record: dict, err: Exception) -> None:
+    record["error"] = f"{type(err).__name__}: {err}"
+    record["stderr_tail"] = getattr(err, "stderr_tail", "")
     record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    record["wall_seconds"] = round(time.time() - start, 1)
-    return record
 
 
 def structured_for(run: Run, cfg: Settings, planned: bool) -> Path | None:
@@ -371,42 +462,54 @@ def hms(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def dry_run(runs: list[Run], cfg: Settings, planned: set[str], limit: int | None) -> None:
+def dry_run(runs: list[Run], cfg: Settings, planned: set[str], limit: int | None,
+            sweep: bool = True) -> None:
     """Print what would run, teachers included; nothing is executed."""
     shown: set[str] = set()
-    for run in runs[:limit]:
-        teacher = cfg.teachers / run.task
-        if not teacher.is_dir() and run.task not in shown:
-            shown.add(run.task)
+    for group in sweeps(runs[:limit]) if sweep else [[r] for r in runs[:limit]]:
+        teacher = cfg.teachers / group[0].task
+        if not teacher.is_dir() and group[0].task not in shown:
+            shown.add(group[0].task)
             try:
-                print(shlex.join(teacher_cmd(run.task, cfg)))
+                print(shlex.join(teacher_cmd(group[0].task, cfg)))
             except FileNotFoundError as err:
                 print(f"# {err}")
-        structured = structured_for(run, cfg, planned=False)
-        twin = run.structured_twin().name
-        if structured is None and run.method == "pgb" and twin in planned:
-            structured = cfg.runs / twin
-        print(f"# {run.name}")
-        print(shlex.join(compress_cmd(run, teacher, cfg.runs / run.name, cfg)))
-        print(shlex.join(bench_cmd(cfg.runs / run.name, teacher, cfg, structured)))
+        if len(group) > 1:
+            print(f"# sweep: {', '.join(r.name for r in group)}")
+            print(shlex.join(group_cmd(group, teacher, cfg, force=False)))
+        for run in group:
+            structured = structured_for(run, cfg, planned=False)
+            twin = run.structured_twin().name
+            if structured is None and run.method == "pgb" and twin in planned:
+                structured = cfg.runs / twin
+            print(f"# {run.name}")
+            if len(group) == 1:
+                print(shlex.join(compress_cmd(run, teacher, cfg.runs / run.name, cfg)))
+            print(shlex.join(bench_cmd(cfg.runs / run.name, teacher, cfg, structured)))
     print(projection(runs[:limit], cfg))
 
 
-def campaign(runs: list[Run], cfg: Settings, force: bool, limit: int | None) -> int:
-    """Execute ``runs``; returns the number of failed runs."""
+def campaign(runs: list[Run], cfg: Settings, force: bool, limit: int | None,
+             sweep: bool = True) -> int:
+    """Execute ``runs`` (as sparsity sweeps unless ``sweep`` is False); returns the number
+    of failed runs."""
     done: dict[bool, list[float]] = {True: [], False: []}
     teacher_errors: dict[str, str | None] = {}
-    failed = 0
-    for i, run in enumerate(runs[:limit]):
-        record = execute(run, cfg, force, teacher_errors)
-        write_json(cfg.results / f"{run.name}.json", record)
-        done[run.refinetune].append(record["wall_seconds"])
-        failed += "error" in record
-        status = f"FAILED ({record['error'][:80]})" if "error" in record else "ok"
-        print(f"[{i + 1}/{len(runs[:limit])}] {run.name}: {status} in "
-              f"{hms(record['wall_seconds'])} | ETA {hms(eta_seconds(runs[i + 1:limit], done))}",
-              flush=True)
-    return failed
+    runs = runs[:limit]
+    groups = sweeps(runs) if sweep else [[r] for r in runs]
+    failures, count = 0, 0
+    for group in groups:
+        for run, record in zip(group, execute(group, cfg, force, teacher_errors), strict=True):
+            write_json(cfg.results / f"{run.name}.json", record)
+            done[run.refinetune].append(record["wall_seconds"])
+            failures += "error" in record
+            count += 1
+            status = f"FAILED ({record['error'][:80]})" if "error" in record else "ok"
+            left = runs[count:]
+            print(f"[{count}/{len(runs)}] {run.name}: {status} in "
+                  f"{hms(record['wall_seconds'])} | ETA {hms(eta_seconds(left, done))}",
+                  flush=True)
+    return failures
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -430,6 +533,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compress-args", default="", help="extra flags for every pgb compress, "
                    "e.g. '--calib-samples 64 --refinetune-steps 10' for a smoke run")
     p.add_argument("--bench-args", default="", help="extra flags for every pgb bench")
+    p.add_argument("--teacher-cache", help="folder where re-finetuning runs share the "
+                   "teacher's outputs (identical results, no teacher forward pass after the "
+                   "first run of a task; default: <runs>/teacher-cache)")
+    p.add_argument("--no-teacher-cache", action="store_true",
+                   help="run the teacher forward in every re-finetune")
+    p.add_argument("--no-sweep", action="store_true", help="one compress command per run "
+                   "(default: one sparsity sweep per task, method and re-finetuning, which "
+                   "computes importance and grouping once and writes the same models)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--limit", type=int, help="stop after N runs (skipped ones not counted)")
     p.add_argument("--force", action="store_true", help="re-run runs that have results")
@@ -448,7 +559,9 @@ def settings(args: argparse.Namespace) -> Settings:
         model=args.model, batch=args.bench_batch, seq=args.bench_seq,
         threads=args.bench_threads, seed=args.seed,
         compress_args=tuple(shlex.split(args.compress_args)),
-        bench_args=tuple(shlex.split(args.bench_args)))
+        bench_args=tuple(shlex.split(args.bench_args)),
+        teacher_cache=None if args.no_teacher_cache else
+        Path(args.teacher_cache or Path(args.runs) / "teacher-cache").resolve())
 
 
 def grid(args: argparse.Namespace) -> list[Run]:
@@ -480,11 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {len(runs)} runs in the grid, {len(runs) - len(todo)} with results already "
           f"(skipped), {len(todo[:args.limit])} to run", flush=True)
     if args.dry_run:
-        dry_run(todo, cfg, {r.name for r in runs}, args.limit)
+        dry_run(todo, cfg, {r.name for r in runs}, args.limit, sweep=not args.no_sweep)
         return 0
-    failed = campaign(todo, cfg, args.force, args.limit)
-    print(f"# done: {failed} failed; results in {show(cfg.results)}", flush=True)
-    return 1 if failed else 0
+    failures = campaign(todo, cfg, args.force, args.limit, sweep=not args.no_sweep)
+    print(f"# done: {failures} failed; results in {show(cfg.results)}", flush=True)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -102,11 +102,13 @@ def row_key(record: dict) -> tuple:
 
 
 def prune_seconds(record: dict) -> float | None:
-    """Importance + grouping + compensation seconds (everything but re-finetuning)."""
+    """Importance + grouping + compensation seconds (everything but re-finetuning), as if
+    the run had been alone: a later budget of a sweep adds the shared stages' seconds."""
     stages = get(record, "report", "stage_seconds")
     if not stages or not any(s in stages for s in PRUNE_STAGES):
         return None
-    return sum(stages.get(s) or 0.0 for s in PRUNE_STAGES)
+    return sum(stages.get(s) or 0.0 for s in PRUNE_STAGES) + \
+        (record.get("shared_prune_seconds") or 0.0)
 
 
 def percent_of_teacher(record: dict) -> float | None:

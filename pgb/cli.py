@@ -134,6 +134,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refinetune-lr", type=float, default=1e-4,
                    help=_field_help(CompressConfig, "refinetune_lr"))
     p.add_argument("--max-train-samples", type=int, help="re-finetune on a seeded subset")
+    p.add_argument("--teacher-cache", metavar="DIR",
+                   help=_field_help(CompressConfig, "teacher_cache"))
     p.add_argument("--max-groups", type=int, default=16,
                    help=_field_help(CompressConfig, "max_groups"))
     p.add_argument("--seed", type=int, default=0, help=_field_help(CompressConfig, "seed"))

@@ -156,6 +156,7 @@ def compress_config(args, sparsity: float) -> CompressConfig:
         refinetune=not args.no_refinetune, distill=not args.no_distill,
         refinetune_epochs=args.refinetune_epochs, refinetune_steps=args.refinetune_steps,
         refinetune_lr=args.refinetune_lr, max_train_samples=args.max_train_samples,
+        teacher_cache=args.teacher_cache,
         seed=args.seed, checkpoint_every=args.checkpoint_every,
         embedding_dtype=args.embedding_dtype,
         speedup_batch_size=args.speedup_batch_size,

@@ -114,6 +114,10 @@ class CompressConfig(_Base):
                              "(0: logits only, the default: it did not help on MRPC or "
                              "STS-B)", 0.0)
     max_train_samples: int | None = _help("cap on re-finetuning examples", None)
+    teacher_cache: str | None = _help("folder that keeps the teacher's outputs on "
+                                      "re-finetuning batches between runs, so that later "
+                                      "runs on the same teacher and batches skip its forward "
+                                      "pass (results unchanged)", None)
     max_length: int = _help("token length of calibration and training examples", 128)
     batch_size: int = _help("re-finetuning batch size", 32)
     seed: int = _help("seed of sampling, search and training", 0)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .config import TrainConfig
 from .surgery import hidden_state_orders
+from .teacher_cache import TeacherOutputs
 
 log = logging.getLogger(__name__)
 # Milestones of long loops: they reach log.txt in the output folder (for runs in the
@@ -87,12 +88,13 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfig,
-          teacher: nn.Module | None = None, progress: bool = True,
+          teacher: nn.Module | TeacherOutputs | None = None, progress: bool = True,
           checkpoint_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train ``model`` in place; returns a summary (steps, final loss, seconds).
 
     make_batches(epoch) returns that epoch's batches in a seeded order (the same list on
-    every rank). checkpoint_dir with ``cfg.checkpoint_every > 0`` saves resumable state;
+    every rank). ``teacher`` may be a :class:`TeacherOutputs` (outputs reused across runs).
+    checkpoint_dir with ``cfg.checkpoint_every > 0`` saves resumable state;
     ``resume=True`` continues from the last one there.
     """
     rank, world = distributed()
@@ -115,7 +117,7 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
                     "overwritten). Pass --resume to continue it instead",
                     Path(checkpoint_dir) / CHECKPOINT)
     if teacher is not None:
-        teacher.eval()
+        _module(teacher).eval()
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=state["step"], desc="training", disable=not progress or rank)
@@ -180,10 +182,12 @@ def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = Tru
     out = runner(**batch, output_hidden_states=hidden)
     loss = out.loss
     if teacher is not None and cfg.kd_alpha > 0:
-        with torch.no_grad():
-            t_out = teacher(**{k: v for k, v in batch.items()
-                               if not k.endswith(("labels", "positions"))},
-                            output_hidden_states=hidden)
+        inputs = {k: v for k, v in batch.items() if not k.endswith(("labels", "positions"))}
+        if isinstance(teacher, TeacherOutputs) and not hidden:
+            t_out = teacher(inputs)
+        else:
+            with torch.no_grad():
+                t_out = _module(teacher)(**inputs, output_hidden_states=hidden)
         kd = kd_loss(out, t_out, cfg.kd_temperature)
         if hidden:
             t_hidden = _in_student_order(getattr(runner, "module", runner),
@@ -197,6 +201,10 @@ def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = Tru
     if backward:
         loss.backward()
     return float(loss.detach())
+
+
+def _module(teacher: nn.Module | TeacherOutputs) -> nn.Module:
+    return teacher.teacher if isinstance(teacher, TeacherOutputs) else teacher
 
 
 def _in_student_order(student: nn.Module, teacher_hidden: tuple) -> tuple:

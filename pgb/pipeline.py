@@ -294,9 +294,19 @@ def refinetune(student, teacher, data: TaskData, cfg: CompressConfig, progress: 
     if not cfg.refinetune:
         return {"steps": 0}
     tcfg = cfg.train_config()
-    return train(student, data.epoch_batches(tcfg.batch_size, tcfg.seed), tcfg,
-                 teacher=teacher if cfg.distill else None, progress=progress,
-                 checkpoint_dir=checkpoint_dir, resume=resume)
+    if not cfg.distill:
+        return train(student, data.epoch_batches(tcfg.batch_size, tcfg.seed), tcfg,
+                     progress=progress, checkpoint_dir=checkpoint_dir, resume=resume)
+    outputs = data.teacher_outputs(teacher, cfg.teacher_cache)
+    hits, misses = outputs.hits, outputs.misses
+    info = train(student, data.epoch_batches(tcfg.batch_size, tcfg.seed), tcfg,
+                 teacher=outputs, progress=progress, checkpoint_dir=checkpoint_dir,
+                 resume=resume)
+    if is_main():
+        outputs.save()
+    info["teacher_cache"] = {**outputs.summary(), "hits": outputs.hits - hits,
+                             "misses": outputs.misses - misses}
+    return info
 
 
 class _Clock:

@@ -11,6 +11,7 @@ import numpy as np
 from .data import load_split
 from .features import EncodedSplit, encode, length_order, make_loader
 from .tasks import Task
+from .teacher_cache import TeacherOutputs
 
 
 class TaskData:
@@ -27,6 +28,7 @@ class TaskData:
         self.max_eval_samples: int | None = None  # dev metrics on a seeded subset of this size
         self._train: EncodedSplit | None = None
         self._samples: dict[tuple[int, int], EncodedSplit] = {}  # calibration samples
+        self._teacher_outputs: dict[tuple, TeacherOutputs] = {}
 
     @property
     def train(self) -> EncodedSplit:
@@ -72,6 +74,15 @@ class TaskData:
         """make_batches(epoch) for ``finetune.train``: a seeded shuffle per epoch."""
         return lambda epoch: list(make_loader(self.train, batch_size, shuffle=True,
                                               seed=seed * 1000 + epoch))
+
+
+    def teacher_outputs(self, teacher, folder=None) -> TeacherOutputs:
+        """The teacher's outputs on the re-finetuning batches, shared by every budget
+        compressed from this data (a sweep); ``folder`` persists them across runs."""
+        key = (id(teacher), None if folder is None else str(folder))
+        if key not in self._teacher_outputs:  # the value holds the teacher: ids stay unique
+            self._teacher_outputs[key] = TeacherOutputs(teacher, folder)
+        return self._teacher_outputs[key]
 
 
 def _draw(rng: np.random.Generator, n: int, samples: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from pgb.baselines import compress_baseline, magnitude_masks, masks_held
 from pgb.config import CompressConfig
 from pgb.structured import save_structured
 from pgb.tasks import get_task
+from pgb.teacher_cache import TeacherOutputs
 
 REPORT_KEYS = {"method", "target_sparsity", "achieved_sparsity", "params_before",
                "params_after", "flops_ratio", "stage_seconds", "matrices", "groups",
@@ -34,6 +35,9 @@ class FakeData:
 
     def epoch_batches(self, batch_size, seed):
         return lambda epoch: [dict(b) for b in self.batches]
+
+    def teacher_outputs(self, teacher, folder=None):
+        return TeacherOutputs(teacher, folder)
 
 
 def config(method, **kw):

@@ -211,7 +211,8 @@ def test_dry_run_prints_exact_commands(capsys, tmp_path):
                 "--batch-size", "32", "--seq-len", "128", "--threads", "2", *flags]
 
     pgb = "minilm-mrpc-pgb-s0.5-rft"
-    assert cmds[("compress", str(r / pgb))] == compress(pgb)
+    cache = ("--teacher-cache", str(r / "teacher-cache"))  # re-finetuning runs share it
+    assert cmds[("compress", str(r / pgb))] == compress(pgb, *cache)
     assert cmds[("bench", str(r / pgb))] == bench(
         pgb, "--structured", str(r / "minilm-mrpc-structured-s0.5-rft"))
     name = "minilm-mrpc-pgb-noperm-s0.5-nrft"
@@ -220,7 +221,7 @@ def test_dry_run_prints_exact_commands(capsys, tmp_path):
     assert cmds[("bench", str(r / name))] == bench(
         name, "--structured", str(r / "minilm-mrpc-structured-s0.5-nrft"))
     name = "minilm-mrpc-magnitude-s0.5-rft"
-    assert cmds[("compress", str(r / name))] == compress(name, "--method", "magnitude")
+    assert cmds[("compress", str(r / name))] == compress(name, "--method", "magnitude", *cache)
     assert cmds[("bench", str(r / name))] == bench(name)
     name = "minilm-mrpc-structured-s0.5-nrft"
     assert cmds[("compress", str(r / name))] == compress(name, "--method", "structured",
@@ -230,11 +231,16 @@ def test_dry_run_prints_exact_commands(capsys, tmp_path):
 def test_dry_run_variant_flags_and_bench_settings(capsys, tmp_path):
     lines = dry(capsys, tmp_path, "--methods", "pgb-uniform,pgb-nocomp", "--refinetune", "yes",
                 "--bench-batch", "8", "--bench-seq", "64", "--bench-threads", "1",
-                "--seed", "3", "--compress-args", "--calib-samples 16")
+                "--seed", "3", "--compress-args", "--calib-samples 16", "--no-teacher-cache")
     compress = [shlex.split(x) for x in lines if x.startswith("pgb -q compress")]
     assert [c[c.index("--out") + 2:] for c in compress] == [
         ["--uniform-groups", "--seed", "3", "--calib-samples", "16"],
         ["--no-compensation", "--seed", "3", "--calib-samples", "16"]]
+    cached = dry(capsys, tmp_path, "--methods", "pgb", "--refinetune", "both",
+                 "--teacher-cache", str(tmp_path / "tc"))
+    assert [c[c.index("--out") + 2:] for c in map(shlex.split, cached)
+            if c[:3] == ["pgb", "-q", "compress"]] == [
+        ["--no-refinetune"], ["--teacher-cache", str(tmp_path / "tc")]]
     bench = [shlex.split(x) for x in lines if x.startswith("pgb -q bench")]
     # no structured run planned or present: no --structured flag
     assert [c[-6:] for c in bench] == [["--batch-size", "8", "--seq-len", "64",
@@ -318,9 +324,17 @@ class FakeCLI:
             if self.fail and self.fail in out.name:
                 raise campaign.RunFailed(cmd, 1, "x" * 5000 + "CUDA out of memory")
             out.mkdir(parents=True, exist_ok="--overwrite" in cmd)
-            report = result("mrpc", "pgb", 0.5, 0.72, 0.0)["report"]
-            report.update(config={"seed": 0}, versions={"pgb": "0.1.0"}, matrices=[1] * 9)
-            (out / "report.json").write_text(json.dumps(report))
+            budgets = cmd[cmd.index("--sparsity") + 1].split(",")
+            sweep = len(budgets) > 1  # pgb's layout: one folder per budget, and sweep.json
+            for i, budget in enumerate(budgets):
+                report = result("mrpc", "pgb", float(budget), 0.72, 0.0)["report"]
+                report.update(config={"seed": 0}, versions={"pgb": "0.1.0"}, matrices=[1] * 9)
+                report["stage_seconds"] = {**report["stage_seconds"], "importance": 10.0 + i}
+                folder = out / f"s{float(budget):g}" if sweep else out
+                folder.mkdir(exist_ok=True)
+                (folder / "report.json").write_text(json.dumps(report))
+            if sweep:
+                (out / "sweep.json").write_text("{}")
             return '{"method": "pgb"}\n'
         return "progress noise\n" + json.dumps({"speedup": 1.7, "latency_ms": 10.0}) + "\n"
 
@@ -387,15 +401,60 @@ def test_missing_teacher_is_built_once_or_recorded_as_the_failure(tmp_path, monk
     monkeypatch.setattr(campaign, "call", fake)
     monkeypatch.setattr(campaign, "DEFAULT_TEACHERS", tmp_path / "teachers")
     assert campaign.main(argv) == 0
-    assert [c[:2] + c[2:3] for c in fake.calls] == [
+    assert [c[:2] + c[2:3] for c in fake.calls] == [  # one sweep makes both budgets
         ["bash", "benchmarks/teachers.sh", "mrpc"], ["pgb", "-q", "compress"],
-        ["pgb", "-q", "bench"], ["pgb", "-q", "compress"], ["pgb", "-q", "bench"]]
+        ["pgb", "-q", "bench"], ["pgb", "-q", "bench"]]
 
     fake.calls.clear()  # a teacher folder elsewhere that is missing: recorded, nothing run
     other = [*argv[:-1], str(tmp_path / "elsewhere"), "--results", str(tmp_path / "res2")]
     assert campaign.main(other) == 1 and fake.calls == []
     rec = json.loads((tmp_path / "res2" / "minilm-mrpc-pgb-s0.5-nrft.json").read_text())
     assert rec["error"].startswith("RuntimeError: teacher: no teacher at")
+
+
+def test_sweeps_make_each_run_folder_and_record(tmp_path, monkeypatch, capsys):
+    fake = FakeCLI(fail="magnitude")
+    monkeypatch.setattr(campaign, "call", fake)
+    (tmp_path / "teachers" / "mrpc").mkdir(parents=True)
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    argv = ["--tasks", "mrpc", "--sparsities", "0.5,0.75", "--methods",
+            "pgb,structured,magnitude", "--refinetune", "yes", "--teachers",
+            str(tmp_path / "teachers"), "--runs", str(runs), "--results", str(res),
+            "--data-dir", str(tmp_path / "data")]
+    assert campaign.main(argv) == 1  # the magnitude sweep failed: both of its runs
+    compress = [c for c in fake.calls if c[2] == "compress"]
+    assert [c[c.index("--out") + 1] for c in compress] == [
+        str(runs / f"minilm-mrpc-{v}-sweep-rft") for v in ("structured", "magnitude", "pgb")]
+    assert all(c[c.index("--sparsity") + 1] == "0.5,0.75" for c in compress)
+    assert all(c[c.index("--teacher-cache") + 1] == str(runs / "teacher-cache")
+               for c in compress)
+    assert sorted(p.name for p in runs.iterdir()) == sorted(  # sweep folders moved, removed
+        f"minilm-mrpc-{v}-s{s}-rft" for v in ("structured", "pgb") for s in ("0.5", "0.75"))
+    first, second = (json.loads((res / f"minilm-mrpc-pgb-s{s}-rft.json").read_text())
+                     for s in ("0.5", "0.75"))
+    assert first["sweep"] == second["sweep"] == [0.5, 0.75]
+    assert first["commands"][0] == second["commands"][0] == shlex.join(compress[2])
+    assert "shared_prune_seconds" not in first
+    assert second["shared_prune_seconds"] == 10.0 + 20.0  # the first budget's own stages
+    assert make_results.prune_seconds(second) == 11.0 + 20.0 + 30.0 + 30.0
+    assert second["report"]["achieved_sparsity"] == 0.75
+    assert shlex.split(second["commands"][1])[-1] == str(runs / "minilm-mrpc-structured-s0.75-rft")
+    bad = json.loads((res / "minilm-mrpc-magnitude-s0.75-rft.json").read_text())
+    assert bad["error"].startswith("RunFailed") and "--sparsity 0.5,0.75" in bad["commands"][0]
+    capsys.readouterr()
+
+    fake.calls.clear()  # the failed sweep again: only its runs
+    assert campaign.main([*argv, "--retry-failed"]) == 1
+    assert [c[2] for c in fake.calls] == ["compress"]
+    dry = campaign.main([*argv, "--force", "--dry-run", "--methods", "pgb", "--no-sweep"])
+    lines = capsys.readouterr().out.splitlines()
+    assert dry == 0 and not any(x.startswith("# sweep") for x in lines)
+    assert [x.split("--sparsity ")[1].split()[0] for x in lines if " compress " in x] == \
+        ["0.5", "0.75"]
+    assert campaign.main([*argv, "--force", "--dry-run", "--methods", "pgb"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "# sweep: minilm-mrpc-pgb-s0.5-rft, minilm-mrpc-pgb-s0.75-rft" in lines
+    assert sum(" compress " in x for x in lines) == 1 and sum(" bench " in x for x in lines) == 2
 
 
 def test_no_refinetune_rows_derived_from_before_metrics():

@@ -333,6 +333,38 @@ def test_sparsity_sweep_equals_separate_runs(pipeline_dirs, shared_data, tmp_pat
     assert (tmp_path / "sweep" / "report.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("method", ["pgb", "structured"])
+def test_teacher_cache_skips_the_teacher_and_keeps_the_result(pipeline_dirs, shared_data,
+                                                               tmp_path, capsys, method):
+    """A sweep reuses the teacher's re-finetuning outputs across budgets, --teacher-cache
+    across runs; the models are the ones a run without the cache writes."""
+    import torch
+
+    import pgb
+
+    teacher, _ = pipeline_dirs
+    cache = tmp_path / "cache"
+    common = ["--model", str(teacher), "--task", "sst2", "--data-dir", str(shared_data),
+              "--calib-samples", "32", "--max-eval-samples", "40", "--method", method,
+              "--refinetune-steps", "3", "--max-train-samples", "48"]
+    plain = run(capsys, "compress", *common, "--sparsity", "0.5", "--out", str(tmp_path / "a"))
+    sweep = run(capsys, "compress", *common, "--sparsity", "0.5,0.75", "--teacher-cache",
+                str(cache), "--out", str(tmp_path / "sweep"))
+    again = run(capsys, "compress", *common, "--sparsity", "0.5", "--teacher-cache",
+                str(cache), "--out", str(tmp_path / "b"))
+    reports = [json.loads((tmp_path / f).read_text())["refinetune"]["teacher_cache"]
+               for f in ("sweep/s0.5/report.json", "sweep/s0.75/report.json", "b/report.json")]
+    assert [(r["misses"], r["hits"]) for r in reports] == [(3, 0), (0, 3), (0, 3)]
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert plain["metrics"] == again["metrics"] == sweep["sweep"][0]["metrics"]
+    batch = {"input_ids": torch.randint(1000, 2000, (3, 11)),
+             "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    with torch.no_grad():
+        logits = [pgb.load(tmp_path / f)(**batch).logits for f in ("a", "b", "sweep/s0.5")]
+    torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+    torch.testing.assert_close(logits[2], logits[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("value,message", [
     ("0.5,x", "comma-separated numbers such as 0.5,0.875, got '0.5,x'"),
     ("0.5,0.5", "a value appears twice in '0.5,0.5'"),
