@@ -308,9 +308,23 @@ def machine_section(records: list[dict]) -> list[str]:
                      f" max {max(loads):.2f} (timings on a busy machine are noisier)")
     if dates:
         lines.append(f"- runs dated {dates[0]} to {dates[-1]}")
+    walls: dict[str, float] = defaultdict(float)
+    for r in records:
+        if r.get("wall_seconds") is not None and not r.get("derived_from"):
+            walls[str(r.get("task"))] += float(r["wall_seconds"])
+    if walls:
+        per_task = ", ".join(f"{t} {hours(w)}" for t, w in sorted(walls.items()))
+        lines.append(f"- wall time of the runs (`wall_seconds`, compress + bench, summed): "
+                     f"{hours(sum(walls.values()))} ({per_task})")
     n_failed = sum(not is_ok(r) for r in records)
     lines.append(f"- {len(records)} result files, {n_failed} failed")
     return lines + [""]
+
+
+def hours(seconds: float) -> str:
+    """``1 h 05 min``, or ``42 min`` under an hour."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def render(records: list[dict], source: str = "benchmarks/results/campaign",

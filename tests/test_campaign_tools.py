@@ -100,6 +100,10 @@ def test_results_md_rows_and_percent_of_teacher(results_dir, tmp_path):
     assert "- versions: pgb 0.1.0, torch 2.13.0+cpu" in text
     assert "- bench: device cpu, threads 2, batch_size 32, seq_len 128" in text
     assert "12 result files, 1 failed" in text
+    # 11 finished runs of 170 s (the failed one records none; derived rows are not runs)
+    assert "wall time of the runs (`wall_seconds`, compress + bench, summed): 31 min " \
+           "(mrpc 14 min, stsb 17 min)" in text
+    assert make_results.hours(3725) == "1 h 02 min"
     assert "- **minilm-mrpc-pgb-s0.5-rft** (seed 0): `pgb -q compress --task mrpc" in text
 
 
