@@ -75,7 +75,6 @@ class TaskData:
         return lambda epoch: list(make_loader(self.train, batch_size, shuffle=True,
                                               seed=seed * 1000 + epoch))
 
-
     def teacher_outputs(self, teacher, folder=None) -> TeacherOutputs:
         """The teacher's outputs on the re-finetuning batches, shared by every budget
         compressed from this data (a sweep); ``folder`` persists them across runs."""
