@@ -251,9 +251,12 @@ def ensure_teacher(task: str, cfg: Settings, cache: dict[str, str | None]) -> No
         raise RuntimeError(cache[task])
 
 
-def sweeps(runs: list[Run]) -> list[list[Run]]:
+def sweeps(runs: list[Run], sweep: bool = True) -> list[list[Run]]:
     """The runs grouped by compress command, in execution order: one command per task,
-    method and re-finetuning, a sparsity sweep when it has several budgets to make."""
+    method and re-finetuning, a sparsity sweep when it has several budgets to make
+    (``sweep=False``: one command per run)."""
+    if not sweep:
+        return [[run] for run in runs]
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault((run.refinetune, run.task, run.variant), []).append(run)
@@ -261,9 +264,11 @@ def sweeps(runs: list[Run]) -> list[list[Run]]:
 
 
 def sweep_out(runs: list[Run], cfg: Settings) -> Path:
-    """Where a sweep writes before its budget folders move to their runs' folders."""
+    """Where a sweep writes before its budget folders move to their runs' folders:
+    ``<runs>/<tag>-<task>-<method>-sweep-<rft|nrft>``."""
     first = runs[0]
-    return cfg.runs / first.name.replace(f"-s{first.sparsity:g}-", "-sweep-")
+    rft = "rft" if first.refinetune else "nrft"
+    return cfg.runs / f"{first.tag}-{first.task}-{first.variant}-sweep-{rft}"
 
 
 def group_cmd(runs: list[Run], teacher: Path, cfg: Settings, force: bool) -> list[str]:
@@ -466,7 +471,7 @@ def dry_run(runs: list[Run], cfg: Settings, planned: set[str], limit: int | None
             sweep: bool = True) -> None:
     """Print what would run, teachers included; nothing is executed."""
     shown: set[str] = set()
-    for group in sweeps(runs[:limit]) if sweep else [[r] for r in runs[:limit]]:
+    for group in sweeps(runs[:limit], sweep):
         teacher = cfg.teachers / group[0].task
         if not teacher.is_dir() and group[0].task not in shown:
             shown.add(group[0].task)
@@ -496,9 +501,8 @@ def campaign(runs: list[Run], cfg: Settings, force: bool, limit: int | None,
     done: dict[bool, list[float]] = {True: [], False: []}
     teacher_errors: dict[str, str | None] = {}
     runs = runs[:limit]
-    groups = sweeps(runs) if sweep else [[r] for r in runs]
     failures, count = 0, 0
-    for group in groups:
+    for group in sweeps(runs, sweep):
         for run, record in zip(group, execute(group, cfg, force, teacher_errors), strict=True):
             write_json(cfg.results / f"{run.name}.json", record)
             done[run.refinetune].append(record["wall_seconds"])

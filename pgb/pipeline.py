@@ -304,8 +304,8 @@ def refinetune(student, teacher, data: TaskData, cfg: CompressConfig, progress: 
                  resume=resume)
     if is_main():
         outputs.save()
-    info["teacher_cache"] = {**outputs.summary(), "hits": outputs.hits - hits,
-                             "misses": outputs.misses - misses}
+    info["teacher_cache"] = {"hits": outputs.hits - hits, "misses": outputs.misses - misses,
+                             "file": None if outputs.path is None else str(outputs.path)}
     return info
 
 

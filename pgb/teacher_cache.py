@@ -98,10 +98,6 @@ class TeacherOutputs:
                            if getattr(out, k, None) is not None}
         return out
 
-    def summary(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses,
-                "file": None if self.path is None else str(self.path)}
-
     def save(self) -> None:
         """Write new entries to the file (merged with what it holds now), atomically."""
         if self.path is None or len(self.store) == self._stored:
