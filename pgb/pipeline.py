@@ -122,6 +122,7 @@ def compress_sweep(teacher: nn.Module, tokenizer, task: Task, cfgs: list[Compres
     if len({shared_key(c) for c in cfgs}) != 1:
         raise ValueError("the budgets of a sweep must share every setting but the sparsity")
     shared: dict = {}
+    data.share_teacher_outputs = len(cfgs) > 1  # every budget distils on the same batches
     for i, cfg in enumerate(cfgs):
         result = run_method(teacher, tokenizer, task, cfg, data, progress=progress,
                             checkpoint_dir=checkpoint_dirs[i] if checkpoint_dirs else None,

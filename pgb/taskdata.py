@@ -29,6 +29,7 @@ class TaskData:
         self._train: EncodedSplit | None = None
         self._samples: dict[tuple[int, int], EncodedSplit] = {}  # calibration samples
         self._teacher_outputs: dict[tuple, TeacherOutputs] = {}
+        self.share_teacher_outputs = False  # set by a sweep: later budgets reuse them
 
     @property
     def train(self) -> EncodedSplit:
@@ -77,7 +78,10 @@ class TaskData:
 
     def teacher_outputs(self, teacher, folder=None) -> TeacherOutputs:
         """The teacher's outputs on the re-finetuning batches, shared by every budget
-        compressed from this data (a sweep); ``folder`` persists them across runs."""
+        compressed from this data while ``share_teacher_outputs`` is set (a sweep);
+        ``folder`` persists them across runs. Otherwise nothing is kept."""
+        if not self.share_teacher_outputs:
+            return TeacherOutputs(teacher, folder, keep=False)
         key = (id(teacher), None if folder is None else str(folder))
         if key not in self._teacher_outputs:  # the value holds the teacher: ids stay unique
             self._teacher_outputs[key] = TeacherOutputs(teacher, folder)

@@ -58,11 +58,15 @@ class TeacherOutputs:
     """``outputs(inputs)``: the teacher's distillation outputs for a batch, computed once.
 
     ``folder``: where the outputs persist between runs (one file per teacher fingerprint);
-    None keeps them in memory only. Call :meth:`save` after training.
+    None keeps them in memory only. Call :meth:`save` after training. ``keep=False``, with
+    no folder, stores nothing: for a single run, whose seeded shuffles never repeat a batch
+    (a whole SQuAD epoch's start and end logits would hold about 270 MB for nothing).
     """
 
-    def __init__(self, teacher: nn.Module, folder: str | Path | None = None):
+    def __init__(self, teacher: nn.Module, folder: str | Path | None = None,
+                 keep: bool = True):
         self.teacher = teacher
+        self.keep = keep or folder is not None
         self.store: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = self.misses = 0
         self.path = Path(folder) / f"{fingerprint(teacher)}.pt" if folder else None
@@ -94,6 +98,8 @@ class TeacherOutputs:
         self.misses += 1
         with torch.no_grad():
             out = self.teacher(**inputs)
+        if not self.keep:
+            return out
         self.store[key] = {k: getattr(out, k).detach().cpu() for k in OUTPUT_KEYS
                            if getattr(out, k, None) is not None}
         return out

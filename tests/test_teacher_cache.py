@@ -54,6 +54,29 @@ def test_cached_outputs_train_the_same_student(qa):
     assert not same_weights(ref, student)  # training did change the student
 
 
+def test_a_single_run_keeps_nothing_and_a_sweep_shares(shared_data, tmp_path):
+    """Without a folder nothing is stored unless a sweep's later budgets will read it."""
+    from pgb.taskdata import TaskData
+    from pgb.tasks import get_task
+
+    teacher = tiny_model("bert", num_labels=2, seed=1)
+    student = tiny_model("bert", num_labels=2, seed=2).train()
+    ref, _ = trained(student, teacher)
+    data = TaskData(get_task("sst2"), None, data_dir=shared_data, max_samples=8)
+    single = data.teacher_outputs(teacher)
+    result, _ = trained(student, single)
+    assert same_weights(ref, result)
+    assert (single.misses, single.hits, single.store) == (6, 0, {})
+    assert data.teacher_outputs(teacher) is not single  # nothing to share
+    filed = data.teacher_outputs(teacher, tmp_path)  # a folder: kept for the file
+    trained(student, filed)
+    assert (filed.misses, len(filed.store)) == (3, 3)
+    data.share_teacher_outputs = True  # what compress_sweep sets for several budgets
+    shared = data.teacher_outputs(teacher)
+    trained(student, shared)
+    assert data.teacher_outputs(teacher) is shared and len(shared.store) == 3
+
+
 def test_file_cache_persists_and_is_keyed_by_the_teacher(tmp_path):
     teacher = tiny_model("bert", num_labels=2, seed=1)
     student = tiny_model("bert", num_labels=2, seed=2).train()
