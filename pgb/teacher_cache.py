@@ -89,7 +89,7 @@ class TeacherOutputs:
 
     def __call__(self, inputs: dict[str, torch.Tensor]):
         """The teacher's outputs for ``inputs`` (labels excluded), as attributes."""
-        key = batch_key(inputs)
+        key = batch_key(inputs) if self.keep else None  # nothing stored: nothing to look up
         cached = self.store.get(key)
         if cached is not None:
             self.hits += 1
@@ -98,7 +98,7 @@ class TeacherOutputs:
         self.misses += 1
         with torch.no_grad():
             out = self.teacher(**inputs)
-        if not self.keep:
+        if key is None:
             return out
         self.store[key] = {k: getattr(out, k).detach().cpu() for k in OUTPUT_KEYS
                            if getattr(out, k, None) is not None}
