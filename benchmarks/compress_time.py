@@ -6,8 +6,13 @@ seconds per stage from report.json in ``benchmarks/results/compress_time.json`` 
 Also records the wall-clock seconds of the whole command (model loading, tokenizing the
 calibration sample, the dev evaluation included), and can time the other methods beside PGB.
 
+To compare two versions of the code, run it once per version with ``--label`` and
+``--append`` into one ``--out`` file: the ``pgb`` it runs is the one Python imports (put
+an older checkout first on ``PYTHONPATH``), and each row records that package's path and
+git commit.
+
 Usage: python benchmarks/compress_time.py [--tasks sst2,mrpc,stsb,cola] [--sparsities 0.5,0.875]
-    [--methods pgb,structured,magnitude] [--keep runs/compress_time]
+    [--methods pgb,structured,magnitude] [--keep runs/compress_time] [--label L --append]
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version() -> dict:
+    """The pgb package the ``pgb`` command imports here (PYTHONPATH first) and its commit."""
+    where = subprocess.run([sys.executable, "-c", "import pgb; print(pgb.__file__)"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(Path(where).parent), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    return {"pgb_file": where, "git_commit": commit or None}
 
 
 def measure(task: str, sparsity: float, method: str, teachers: Path, data_dir: str,
@@ -59,31 +73,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="pgb", help="of pgb, structured, magnitude")
     p.add_argument("--keep", help="keep the compressed folders under this folder")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_time.json"))
+    p.add_argument("--label", help="a name for this run's rows (e.g. the code version)")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to those already in --out instead of replacing them")
     args = p.parse_args(argv)
     keep = Path(args.keep) if args.keep else None
-    records = []
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if args.append and out.exists() else []
+    version = {"label": args.label, **code_version()}
     for task in args.tasks.split(","):
         for s in (float(v) for v in args.sparsities.split(",")):
             for method in args.methods.split(","):
-                records.append(measure(task, s, method, Path(args.teachers), args.data_dir,
-                                       keep))
+                records.append({**measure(task, s, method, Path(args.teachers),
+                                          args.data_dir, keep), **version})
                 print(json.dumps({k: records[-1][k] for k in (
                     "task", "sparsity", "method", "prune_compensate_seconds",
                     "command_wall_seconds", "metrics")}), flush=True)
-    Path(args.out).write_text(json.dumps(records, indent=2))
+    out.write_text(json.dumps(records, indent=2))
     lines = ["# Prune + compensate time, MiniLM-L6, 1,024 calibration samples (generated)", "",
              f"{records[0]['cpu_count']} CPU cores, {records[0]['threads']} torch threads, "
              f"{records[0]['date']}. `stages` lists each stage's seconds; `command` is the "
              "wall clock of the whole `pgb compress` (loading, tokenizing, dev evaluation "
              "included).", "",
-             "| task | sparsity | method | stages (s) | prune + compensate s | command s |",
-             "|---|---:|---|---|---:|---:|"]
+             "| task | sparsity | method | code | stages (s) | prune + compensate s | command s |",
+             "|---|---:|---|---|---|---:|---:|"]
     for r in records:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()
                            if k != "refinetune")
-        lines.append(f"| {r['task']} | {r['sparsity']} | {r['method']} | {stages} | "
+        code = r.get("label") or (r.get("git_commit") or "")[:7]
+        lines.append(f"| {r['task']} | {r['sparsity']} | {r['method']} | {code} | {stages} | "
                      f"{r['prune_compensate_seconds']:.1f} | {r['command_wall_seconds']:.0f} |")
-    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
 

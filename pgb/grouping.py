@@ -161,8 +161,9 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     in_band = inner.identity()
     out_band = {m: np.arange(h) // (h // groups) for m in mats}
     best = -np.inf
+    stale = permute and groups > 1  # out_band not yet optimal for in_band
     for _ in range(iters if permute and groups > 1 else 0):
-        out_band = _outer_bands(scores, in_band, groups, shared_outer)
+        out_band, stale = _outer_bands(scores, in_band, groups, shared_outer), False
         gain = sum(_outer_fold(scores[m], out_band[m], groups) for m in mats)  # (n, G)
         new_band = inner.assign(gain)
         value, current = (gain[np.arange(n), b].sum() for b in (new_band, in_band))
@@ -170,8 +171,8 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
             new_band, value = in_band, current
         if value <= best * (1 + tol):
             break
-        best, in_band = value, new_band
-    if permute and groups > 1:  # the outer side, re-optimised for the final inner bands
+        best, in_band, stale = value, new_band, new_band is not in_band
+    if stale:  # the outer side, re-optimised for the final inner bands
         out_band = _outer_bands(scores, in_band, groups, shared_outer)
     return _finish(scores, groups, inner, in_band, out_band)
 
@@ -188,20 +189,30 @@ def _outer_bands(scores: dict[str, np.ndarray], in_band: np.ndarray, groups: int
             for m, s in scores.items()}
 
 
-def _onehot(band: np.ndarray, groups: int) -> np.ndarray:
-    out = np.zeros((len(band), groups))
-    out[np.arange(len(band)), band] = 1.0
-    return out
+def _segment_sum(s: np.ndarray, band: np.ndarray, groups: int, axis: int) -> np.ndarray:
+    """Sums of ``s`` over the indices of each band along ``axis``, bands moved to the
+    front of that axis. Balanced bands (every search step keeps them so) are gathered in
+    band order and summed by reshaping: no BLAS call, whose threads stall and fight with
+    torch's on a busy 2-core machine (a one-hot matmul took 1-50 ms for the same sums)."""
+    size = len(band)
+    if np.bincount(band, minlength=groups).max() * groups == size:  # balanced
+        order = np.argsort(band, kind="stable")
+        if axis == 0:
+            return s[order].reshape(groups, size // groups, -1).sum(axis=1)
+        return s[:, order].reshape(s.shape[0], groups, size // groups).sum(axis=2)
+    onehot = np.zeros((size, groups))
+    onehot[np.arange(size), band] = 1.0
+    return onehot.T @ s if axis == 0 else s @ onehot
 
 
 def _band_sum(s: np.ndarray, in_band: np.ndarray, groups: int) -> np.ndarray:
     """(G, outer): importance of each outer index inside each inner band."""
-    return _onehot(in_band, groups).T @ s
+    return _segment_sum(s, in_band, groups, axis=0)
 
 
 def _outer_fold(s: np.ndarray, out_band: np.ndarray, groups: int) -> np.ndarray:
     """(inner, G): importance of each inner item inside each outer band."""
-    return s @ _onehot(out_band, groups)
+    return _segment_sum(s, out_band, groups, axis=1)
 
 
 def _finish(scores, groups, inner, in_band, out_band) -> Grouping:
