@@ -65,7 +65,9 @@ def test_fisher_in_pieces_equals_the_whole_batch(family, labels, left, monkeypat
     assert whole.keys() == pieces.keys()
     for name, s in whole.items():
         assert s.abs().max() > 0, name
-        torch.testing.assert_close(pieces[name], s, rtol=1e-4, atol=1e-9 * s.abs().max())
+        # float32 gradients summed in another order: entries far below the largest
+        # (cancelling sums) move by ~1e-11 absolute
+        torch.testing.assert_close(pieces[name], s, rtol=1e-4, atol=1e-6 * s.abs().max())
 
 
 def _brute_force(lengths: list[int], pass_tokens: int) -> float:
