@@ -53,12 +53,15 @@ class Grouping:
         return kept / max(sum(self.totals.values()), 1e-30)
 
 
-def balanced_assign(scores: np.ndarray, capacity: int, exact_up_to: int = 512) -> np.ndarray:
+def balanced_assign(scores: np.ndarray, capacity: int, exact_up_to: int = 512,
+                    start: np.ndarray | None = None) -> np.ndarray:
     """Band of each row maximising ``sum scores[i, band[i]]``, every band holding ``capacity``.
 
-    scores: (n, G) with n == G * capacity. Exact (Hungarian on an (n, n) expansion) up to
-    ``exact_up_to`` rows; beyond, a regret-ordered greedy (O(n G log n)) that the search
-    only accepts when it improves on the current assignment.
+    scores: (n, G) with n == G * capacity. Exact up to ``exact_up_to`` rows: exchange
+    cycles are cancelled from ``start`` (a balanced assignment, e.g. the previous sweep's)
+    or from the greedy one until none gains (:func:`_cancel_cycles`), with the Hungarian
+    algorithm as the fallback. Beyond, the regret-ordered greedy (O(n G log n)) that the
+    search only accepts when it improves on the current assignment.
     """
     n, g = scores.shape
     if n != g * capacity:
@@ -67,11 +70,76 @@ def balanced_assign(scores: np.ndarray, capacity: int, exact_up_to: int = 512) -
         return np.zeros(n, dtype=np.int64)
     if n > exact_up_to:
         return _greedy_assign(scores, capacity)
+    if start is None or np.bincount(start, minlength=g).tolist() != [capacity] * g:
+        start = _greedy_assign(scores, capacity)
+    band = _cancel_cycles(scores, start, capacity)
+    return band if band is not None else _hungarian(scores, capacity)
+
+
+def _hungarian(scores: np.ndarray, capacity: int) -> np.ndarray:
+    """The exact balanced assignment by the Hungarian algorithm on an (n, n) expansion."""
     cost = -np.repeat(scores, capacity, axis=1)  # (n, n): column j is a seat of band j // cap
     rows, cols = linear_sum_assignment(cost)
-    band = np.empty(n, dtype=np.int64)
+    band = np.empty(len(scores), dtype=np.int64)
     band[rows] = cols // capacity
     return band
+
+
+def _cancel_cycles(scores: np.ndarray, band: np.ndarray, capacity: int) -> np.ndarray | None:
+    """Improve a balanced assignment until it is optimal, or None if that stalls.
+
+    With every band full, the only changes are cyclic exchanges: item j moves from band b
+    to b', another from b' on, ... back to b. Moving from b to b' costs at least
+    ``W[b, b'] = min over j in b of (scores[j, b] - scores[j, b'])``, so the assignment is
+    optimal exactly when the G-node graph W has no negative cycle (a cycle of distinct
+    bands moves distinct items). Each round finds one with Bellman-Ford and applies it;
+    the objective rises every round. Far cheaper than the Hungarian algorithm on the
+    (n, n) expansion when G is small and the start is near the optimum.
+    """
+    n, g = scores.shape
+    band = band.copy()
+    tol = 1e-12 * max(float(np.abs(scores).sum()), 1e-300)
+    for _ in range(4 * n):
+        order = np.argsort(band, kind="stable")  # items band by band, capacity each
+        own = scores[order, band[order]]
+        moves = (own[:, None] - scores[order]).reshape(g, capacity, g)  # loss of j: b -> b'
+        pick = moves.argmin(axis=1)  # (G, G): cheapest item of band b to send to b'
+        w = np.take_along_axis(moves, pick[:, None, :], axis=1)[:, 0, :]
+        np.fill_diagonal(w, np.inf)
+        cycle = _negative_cycle(w, tol)
+        if cycle is None:
+            return band
+        for b, b_next in zip(cycle, cycle[1:] + cycle[:1], strict=True):
+            band[order[b * capacity + pick[b, b_next]]] = b_next
+    return None
+
+
+def _negative_cycle(w: np.ndarray, tol: float) -> list[int] | None:
+    """Bands of a cycle of total weight below ``-tol`` in the dense graph ``w``, or None."""
+    g = len(w)
+    dist, pred = np.zeros(g), np.full(g, -1)
+    for _ in range(g):  # Bellman-Ford from a virtual source joined to every band
+        via = dist[:, None] + w  # (u, v): reach v through u
+        u = via.argmin(axis=0)
+        best = via[u, np.arange(g)]
+        better = best < dist - tol
+        if not better.any():
+            return None
+        dist[better], pred[better] = best[better], u[better]
+    v = int(np.flatnonzero(better)[0])
+    for _ in range(g):  # walk back onto the cycle
+        v = int(pred[v])
+        if v < 0:
+            return None
+    cycle, u = [v], int(pred[v])
+    while u != v and len(cycle) <= g:
+        if u < 0:
+            return None
+        cycle.append(u)
+        u = int(pred[u])
+    cycle.reverse()  # pred points backwards: reversed, each band sends to the next
+    cost = sum(w[a, b] for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True))
+    return cycle if u == v and cost < -tol else None
 
 
 def _greedy_assign(scores: np.ndarray, capacity: int) -> np.ndarray:
@@ -163,7 +231,7 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     best = -np.inf
     stale = permute and groups > 1  # out_band not yet optimal for in_band
     for _ in range(iters if permute and groups > 1 else 0):
-        out_band, stale = _outer_bands(scores, in_band, groups, shared_outer), False
+        out_band, stale = _outer_bands(scores, in_band, groups, shared_outer, out_band), False
         gain = sum(_outer_fold(scores[m], out_band[m], groups) for m in mats)  # (n, G)
         new_band = inner.assign(gain)
         value, current = (gain[np.arange(n), b].sum() for b in (new_band, in_band))
@@ -173,19 +241,23 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
             break
         best, in_band, stale = value, new_band, new_band is not in_band
     if stale:  # the outer side, re-optimised for the final inner bands
-        out_band = _outer_bands(scores, in_band, groups, shared_outer)
+        out_band = _outer_bands(scores, in_band, groups, shared_outer, out_band)
     return _finish(scores, groups, inner, in_band, out_band)
 
 
 def _outer_bands(scores: dict[str, np.ndarray], in_band: np.ndarray, groups: int,
-                 shared: bool) -> dict[str, np.ndarray]:
-    """Best outer band per hidden index of each matrix (one partition for all if shared)."""
+                 shared: bool, start: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Best outer band per hidden index of each matrix (one partition for all if shared);
+    ``start``: the previous sweep's bands, where the exact assignment starts from."""
     h = next(iter(scores.values())).shape[1]
+    start = start or {}
     if shared:
         band = balanced_assign(sum(_band_sum(s, in_band, groups) for s in scores.values()).T,
-                               h // groups)
+                               h // groups, start=next(iter(start.values()), None))
         return dict.fromkeys(scores, band)
-    return {m: balanced_assign(_band_sum(s, in_band, groups).T, h // groups)
+    return {m: balanced_assign(_band_sum(s, in_band, groups).T, h // groups,
+                               start=start.get(m))
             for m, s in scores.items()}
 
 

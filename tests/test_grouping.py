@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from pgb.arch import Dims
-from pgb.grouping import balanced_assign, candidate_groups, search_sublayer
+from pgb.grouping import (
+    _cancel_cycles,
+    _greedy_assign,
+    _hungarian,
+    _negative_cycle,
+    balanced_assign,
+    candidate_groups,
+    search_sublayer,
+)
 
 
 def planted(rng, n, h, groups, noise=0.05):
@@ -117,6 +125,38 @@ def test_balanced_assign_is_optimal_on_small_case():
     scores = np.array([[5.0, 1.0], [4.0, 0.0], [3.0, 3.5], [0.0, 1.0]])
     # exactly two per band: best is {0,1}->0, {2,3}->1: 5+4+3.5+1
     assert list(balanced_assign(scores, 2)) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "heavy-tailed"])
+def test_cycle_cancelling_matches_the_hungarian_optimum(kind):
+    """The exact path (exchange cycles from a start) reaches the Hungarian objective, from
+    the greedy start and from a random balanced one, ties included."""
+    rng = np.random.default_rng(11)
+    for groups in (2, 3, 4, 8, 16):
+        for capacity in (1, 5, 24):
+            n = groups * capacity
+            scores = {"uniform": rng.random((n, groups)),
+                      "ties": rng.integers(0, 3, (n, groups)).astype(float),
+                      "heavy-tailed": rng.random((n, groups)) ** 8}[kind]
+            best = scores[np.arange(n), _hungarian(scores, capacity)].sum()
+            for start in (None, rng.permutation(np.arange(n) // capacity)):
+                band = _cancel_cycles(scores, start if start is not None else
+                                      _greedy_assign(scores, capacity), capacity)
+                assert band is not None  # no fallback needed
+                assert np.bincount(band, minlength=groups).tolist() == [capacity] * groups
+                assert np.isclose(scores[np.arange(n), band].sum(), best, rtol=1e-12)
+                via_api = balanced_assign(scores, capacity, start=start)
+                assert np.isclose(scores[np.arange(n), via_api].sum(), best, rtol=1e-12)
+
+
+def test_a_negative_cycle_is_found_and_a_positive_graph_has_none():
+    w = np.array([[np.inf, 1.0, 5.0], [5.0, np.inf, -3.0], [1.0, 5.0, np.inf]])
+    cycle = _negative_cycle(w, 1e-12)  # 0 -> 1 -> 2 -> 0 costs 1 - 3 + 1 = -1
+    assert cycle is not None and sorted(cycle) == [0, 1, 2]
+    i = cycle.index(0)
+    assert cycle[i:] + cycle[:i] == [0, 1, 2]  # each band sends to the next
+    w[1, 2] = -1.0  # the cycle now costs +1
+    assert _negative_cycle(w, 1e-12) is None
 
 
 def test_bad_group_count_is_rejected():
