@@ -265,7 +265,8 @@ def _segment_sum(s: np.ndarray, band: np.ndarray, groups: int, axis: int) -> np.
     """Sums of ``s`` over the indices of each band along ``axis``, bands moved to the
     front of that axis. Balanced bands (every search step keeps them so) are gathered in
     band order and summed by reshaping: no BLAS call, whose threads stall and fight with
-    torch's on a busy 2-core machine (a one-hot matmul took 1-50 ms for the same sums)."""
+    torch's on a busy 2-core machine (on a quiet one both ways cost about the same).
+    Unbalanced bands, which the search never makes, take the one-hot product."""
     size = len(band)
     if np.bincount(band, minlength=groups).max() * groups == size:  # balanced
         order = np.argsort(band, kind="stable")
