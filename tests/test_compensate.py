@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 from test_surgery import make_recipe
-from tiny import tiny_batch, tiny_model
+from tiny import FAMILIES, tiny_batch, tiny_model
 
+from pgb import compensate as comp
 from pgb.arch import get_matrix
 from pgb.compensate import apply_masks, compensate
 
@@ -175,3 +176,62 @@ def test_unknown_compensation_prior_is_refused():
     with pytest.raises(ValueError, match="prior"):
         compensate(copy.deepcopy(teacher), teacher, recipe, calib(1), progress=False,
                    prior="ones")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replayed_outputs_give_the_same_weights(family, monkeypatch):
+    """Replaying refitted matrices' outputs changes no bit of the result, whether every
+    output fits the budget, only Q/K/V fit, or none (every pass runs every matrix)."""
+    teacher = tiny_model(family)
+    recipe = make_recipe(teacher, 0.6, weak=("1.attn",))
+    batches = calib(3)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    hidden = teacher.config.hidden_size
+    runs: dict = {}  # student matrix -> calls that ran its weights
+    linear_forward = torch.nn.Linear.forward
+
+    def counted(self, x):
+        runs[self] = runs.get(self, 0) + 1
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    results = []
+    for budget, (q_runs, ffn_in_runs) in ((comp.REPLAY_BYTES, (1, 1)),
+                                          (3 * tokens * hidden * 4, (1, 2)), (0, (4, 2))):
+        monkeypatch.setattr(comp, "REPLAY_BYTES", budget)
+        student = copy.deepcopy(teacher)
+        apply_masks(student, recipe)
+        runs.clear()
+        compensate(student, teacher, recipe, batches, progress=False)
+        results.append(student.state_dict())
+        # passes after Q's refit: attention-out, FFN-in, FFN-out statistics, layer output
+        assert runs[get_matrix(student, 0, "query")] == q_runs * len(batches)
+        assert runs[get_matrix(student, 0, "ffn_in")] == ffn_in_runs * len(batches)
+    for other in results[1:]:
+        for name, w in results[0].items():
+            assert torch.equal(w, other[name]), name
+
+
+def test_replay_returns_recorded_outputs_and_drops_those_changed_in_place():
+    model = tiny_model("bert")
+    value = get_matrix(model, 0, "value")
+    xs = [torch.randn(2, 5, model.config.hidden_size) for _ in range(3)]
+    replay = comp._Replay(model, 0, [{"args": (x,), "kwargs": {}} for x in xs])
+    replay.refitted(["value", "ffn_in"])
+    ffn_in = get_matrix(model, 0, "ffn_in")
+    assert replay.bytes == 3 * 2 * 5 * (value.out_features + ffn_in.out_features) * 4
+    with replay:  # the pass after the refit records; ffn_in does not run in it
+        recorded = [value(x) for x in xs]
+    assert list(replay.outputs) == ["value"]
+    with torch.no_grad():
+        value.weight.zero_()  # not run any more: the recorded tensors come back
+    with replay:
+        assert all(value(x) is r for x, r in zip(xs, recorded, strict=True))
+    assert "forward" not in vars(value)  # the module's own forward is back outside passes
+    assert value(xs[0]).abs().max() < value.bias.abs().max() + 1e-6
+    with replay:  # model code changing a replayed output in place: no longer replayed
+        for x in xs:
+            value(x).mul_(2)
+    assert not replay.outputs
+    with replay:
+        assert torch.equal(value(xs[0]), value.bias.expand(2, 5, -1))
