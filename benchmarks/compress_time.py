@@ -34,9 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def code_version() -> dict:
-    """The pgb package the ``pgb`` command imports here (PYTHONPATH first) and its commit."""
-    where = subprocess.run([sys.executable, "-c", "import pgb; print(pgb.__file__)"],
-                           check=True, capture_output=True, text=True).stdout.strip()
+    """The pgb package the ``pgb`` command imports here (PYTHONPATH first) and its commit.
+
+    Asked from outside the repository: ``python -c`` puts the working directory first on
+    the path, where the checkout's own ``pgb`` would shadow PYTHONPATH (the console script
+    does not)."""
+    with tempfile.TemporaryDirectory() as cwd:
+        where = subprocess.run([sys.executable, "-c", "import pgb; print(pgb.__file__)"],
+                               check=True, capture_output=True, text=True,
+                               cwd=cwd).stdout.strip()
     commit = subprocess.run(["git", "-C", str(Path(where).parent), "rev-parse", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     return {"pgb_file": where, "git_commit": commit or None}
