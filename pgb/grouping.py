@@ -92,9 +92,12 @@ def _cancel_cycles(scores: np.ndarray, band: np.ndarray, capacity: int) -> np.nd
     to b', another from b' on, ... back to b. Moving from b to b' costs at least
     ``W[b, b'] = min over j in b of (scores[j, b] - scores[j, b'])``, so the assignment is
     optimal exactly when the G-node graph W has no negative cycle (a cycle of distinct
-    bands moves distinct items). Each round finds one with Bellman-Ford and applies it;
-    the objective rises every round. Far cheaper than the Hungarian algorithm on the
-    (n, n) expansion when G is small and the start is near the optimum.
+    bands moves distinct items). Each round finds one with Bellman-Ford and applies it,
+    in layers: the k-th cheapest item of every arc of the cycle moves too while the k-th
+    layer's losses still sum below zero (items' gains are independent, every band still
+    sends and receives as many; for G = 2 one round sorts the two bands' exchanges). The
+    objective rises every round. Far cheaper than the Hungarian algorithm on the (n, n)
+    expansion when G is small and the start is near the optimum.
     """
     n, g = scores.shape
     band = band.copy()
@@ -109,8 +112,12 @@ def _cancel_cycles(scores: np.ndarray, band: np.ndarray, capacity: int) -> np.nd
         cycle = _negative_cycle(w, tol)
         if cycle is None:
             return band
-        for b, b_next in zip(cycle, cycle[1:] + cycle[:1], strict=True):
-            band[order[b * capacity + pick[b, b_next]]] = b_next
+        arcs = list(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+        ranked = [np.argsort(moves[b, :, b_next], kind="stable") for b, b_next in arcs]
+        layers = sum(moves[b, r, b_next] for (b, b_next), r in zip(arcs, ranked, strict=True))
+        depth = int((layers < -tol).sum())  # layers' sums never fall: the leading ones
+        for (b, b_next), r in zip(arcs, ranked, strict=True):
+            band[order[b * capacity + r[:depth]]] = b_next
     return None
 
 

@@ -170,3 +170,19 @@ def test_candidate_groups_divide_both_sizes():
     odd = Dims(layers=2, hidden=36, heads=4, intermediate=74)
     assert candidate_groups("ffn", odd) == [1, 2]
     assert candidate_groups("attn", odd) == [1, 2, 3, 4, 6, 12]
+
+
+def test_two_bands_are_sorted_in_one_round(monkeypatch):
+    """With G = 2 a round moves every gaining pair at once (the k-th cheapest exchanges in
+    layers), so a second Bellman-Ford only confirms the optimum."""
+    import pgb.grouping as grouping
+
+    rng = np.random.default_rng(3)
+    scores = rng.random((40, 2))
+    calls = []
+    real = grouping._negative_cycle
+    monkeypatch.setattr(grouping, "_negative_cycle", lambda w, tol: calls.append(1) or real(w, tol))
+    band = _cancel_cycles(scores, np.arange(40) % 2, 20)
+    assert len(calls) == 2
+    best = scores[np.arange(40), _hungarian(scores, 20)].sum()
+    assert np.isclose(scores[np.arange(40), band].sum(), best, rtol=1e-12)
