@@ -2,7 +2,7 @@
 
 For the seeded calibration sample of `pgb compress` (1,024 examples, batches of 32), counts
 the tokens of the batches as drawn (what the Fisher pass ran whole), as length-sorted
-pieces of each batch (what it runs now, ``pgb.importance._pieces``) and batched by length
+pieces of each batch (what it runs now, ``pgb.pieces.split_rows``) and batched by length
 (compensation). Writes ``benchmarks/results/calib_padding.json`` and ``.md``.
 
 Usage: python benchmarks/calib_padding.py [--tasks sst2,mrpc,stsb,cola] [--model DIR]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from pgb import importance
+from pgb.pieces import PASS_TOKENS, split_rows
 from pgb.taskdata import TaskData
 from pgb.tasks import get_task
 
@@ -36,15 +36,15 @@ def count(task: str, tokenizer, data_dir: str, samples: int, batch: int) -> dict
     lengths = [b["attention_mask"].sum(1).tolist() for b in drawn]
     real = sum(map(sum, lengths))
     whole = sum(b["attention_mask"].numel() for b in drawn)
-    pieces = [importance._pieces(ls) for ls in lengths]
-    in_pieces = sum(max(ls[i] for i in p) * len(p) for ls, ps in zip(lengths, pieces, strict=True)
+    cuts = [split_rows(ls) for ls in lengths]
+    in_pieces = sum(max(ls[i] for i in p) * len(p) for ls, ps in zip(lengths, cuts, strict=True)
                     for p in ps)
     by_length = sum(b["attention_mask"].numel()
                     for b in data.calibration(samples, batch, seed=0, by_length=True))
     return {"task": task, "samples": samples, "batch_size": batch, "real_tokens": real,
             "whole_batches_tokens": whole, "pieces_tokens": in_pieces,
-            "passes_per_batch": sum(map(len, pieces)) / len(pieces),
-            "by_length_tokens": by_length, "pass_tokens": importance.PASS_TOKENS}
+            "passes_per_batch": sum(map(len, cuts)) / len(cuts),
+            "by_length_tokens": by_length, "pass_tokens": PASS_TOKENS}
 
 
 def main(argv: list[str] | None = None) -> int:

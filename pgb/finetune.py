@@ -5,7 +5,8 @@ frozen: only the kept blocks, biases, LayerNorms, embeddings and head train). Wi
 teacher, the loss is ``kd_alpha * KD + (1 - kd_alpha) * task``; KD is the KL divergence of
 temperature-softened logits (times T^2) for classification and QA, and the squared error to
 the teacher's prediction for regression, plus ``kd_hidden`` times the mean squared error
-between student and teacher layer outputs (hidden-state distillation).
+between student and teacher layer outputs (hidden-state distillation). Each batch runs as
+length-sorted pieces (:mod:`pgb.pieces`): the same loss and gradient, less padding.
 
 Under ``torch.distributed`` the model is wrapped in DDP and rank r takes batches
 r, r + world, ... of the same seeded order; resumable checkpoints hold model, optimizer,
@@ -14,6 +15,7 @@ scheduler, RNG and position, so a resumed run ends where an uninterrupted one wo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .config import TrainConfig
+from .pieces import length_pieces, take_rows
 from .surgery import hidden_state_orders
 from .teacher_cache import TeacherOutputs
 
@@ -177,30 +180,51 @@ def _wrap(model: nn.Module) -> nn.Module:
 
 
 def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = True) -> float:
+    """One batch's loss, and its gradient when ``backward``; the batch runs as length-sorted
+    pieces (:mod:`pgb.pieces`), each piece's loss weighted by its share of the examples (of
+    the real tokens, for hidden-state distillation), so the sum is the batch's loss."""
     batch = {k: v.to(device) for k, v in batch.items()}
     hidden = teacher is not None and cfg.kd_alpha > 0 and cfg.kd_hidden > 0
-    out = runner(**batch, output_hidden_states=hidden)
-    loss = out.loss
-    if teacher is not None and cfg.kd_alpha > 0:
-        inputs = {k: v for k, v in batch.items() if not k.endswith(("labels", "positions"))}
-        if isinstance(teacher, TeacherOutputs) and not hidden:
-            t_out = teacher(inputs)
-        else:
-            with torch.no_grad():
-                t_out = _module(teacher)(**inputs, output_hidden_states=hidden)
-        kd = kd_loss(out, t_out, cfg.kd_temperature)
-        if hidden:
-            t_hidden = _in_student_order(getattr(runner, "module", runner),
-                                         t_out.hidden_states)
-            kd = kd + cfg.kd_hidden * hidden_loss(out.hidden_states, t_hidden,
-                                                  batch.get("attention_mask"))
-        loss = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * loss
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss.item()}; lower the learning "
-                                 f"rate (now {cfg.lr}) or check the labels")
-    if backward:
-        loss.backward()
-    return float(loss.detach())
+    pieces = length_pieces(batch)
+    mask = batch.get("attention_mask")
+    examples = sum(len(rows) for rows in pieces)
+    tokens = mask.sum() if mask is not None else None
+    total = 0.0
+    for i, rows in enumerate(pieces):
+        piece = batch if len(pieces) == 1 else take_rows(batch, rows)
+        last = i == len(pieces) - 1
+        no_sync = getattr(runner, "no_sync", None)  # DDP: all-reduce once, after the last
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            out = runner(**piece, output_hidden_states=hidden)
+            share = len(rows) / examples
+            loss = out.loss * share
+            if teacher is not None and cfg.kd_alpha > 0:
+                if isinstance(teacher, TeacherOutputs) and not hidden:  # kept per piece
+                    t_out = teacher(_inputs(piece))
+                else:
+                    with torch.no_grad():
+                        t_out = _module(teacher)(**_inputs(piece), output_hidden_states=hidden)
+                kd = kd_loss(out, t_out, cfg.kd_temperature) * share
+                if hidden:
+                    t_hidden = _in_student_order(getattr(runner, "module", runner),
+                                                 t_out.hidden_states)
+                    piece_mask = piece.get("attention_mask")
+                    weight = piece_mask.sum() / tokens if tokens is not None else share
+                    kd = kd + cfg.kd_hidden * weight * hidden_loss(out.hidden_states, t_hidden,
+                                                                   piece_mask)
+                loss = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}; lower the "
+                                         f"learning rate (now {cfg.lr}) or check the labels")
+            if backward:
+                loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _inputs(batch: dict) -> dict:
+    """The model inputs of a batch: labels and answer positions left out."""
+    return {k: v for k, v in batch.items() if not k.endswith(("labels", "positions"))}
 
 
 def _module(teacher: nn.Module | TeacherOutputs) -> nn.Module:

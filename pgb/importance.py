@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import MATRICES, dims_of, get_matrix
 from .distributed import all_reduce_sum, shard
+from .pieces import length_pieces, take_rows
 
 log = logging.getLogger(__name__)
 METHODS = ("fisher", "magnitude", "activation")
@@ -89,72 +90,19 @@ def _fisher_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
 
 
 def _batch_gradient(model: nn.Module, batch: dict, weights: list) -> list[torch.Tensor]:
-    """Gradient of the batch's loss, run as length-sorted pieces with less padding.
-
-    The heads' losses are means over the batch's examples, and an example's output does
-    not depend on how far it is padded on the right, so the batch gradient is the sum of
-    each piece's gradient weighted by its share of the examples (up to float rounding):
-    the scores keep their batch-level meaning while padded tokens, up to 3x the real ones
-    on a randomly drawn SST-2 batch, mostly leave the passes. This holds for the
-    sequence-level heads (``labels``: classification, regression); a span head's softmax
-    (QA) runs over the padded positions too, and left padding shifts BERT's positions, so
-    such batches run whole.
-    """
-    mask = batch.get("attention_mask")
-    right = mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
-    pieces = _pieces(mask.sum(1).tolist()) if right and "labels" in batch else []
-    if len(pieces) <= 1:
+    """Gradient of the batch's loss, run as length-sorted pieces with less padding (the
+    same gradient up to float rounding: see :mod:`pgb.pieces`)."""
+    rows = length_pieces(batch)
+    if len(rows) == 1:
         return list(torch.autograd.grad(model(**batch).loss, weights))
-    size = len(mask)
+    size = sum(len(r) for r in rows)
     total = None
-    for rows in pieces:
-        piece = _take(batch, rows)
-        grads = torch.autograd.grad(model(**piece).loss * (len(rows) / size), weights)
+    for piece in rows:
+        grads = torch.autograd.grad(model(**take_rows(batch, piece)).loss * (len(piece) / size),
+                                    weights)
         total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads,
                                                                              strict=True)]
     return total
-
-
-# A forward and backward pass costs about as much as this many extra (padded) tokens: the
-# batch is cut where the padding a cut saves outweighs the cost of one more pass.
-PASS_TOKENS = 256
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def _pieces(lengths: list[int]) -> list[list[int]]:
-    """Row indices of the pieces a batch of examples of these token ``lengths`` is run in:
-    the rows by length, cut to minimise padded tokens + ``PASS_TOKENS`` per pass (an exact
-    split, quadratic in the rows of one batch)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    sorted_len = [lengths[i] for i in order]
-    n = len(sorted_len)
-    cost, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for j in range(1, n + 1):  # cost[j]: best split of the j shortest rows
-        for i in range(j):
-            c = cost[i] + sorted_len[j - 1] * (j - i) + PASS_TOKENS
-            if c < cost[j]:
-                cost[j], cut[j] = c, i
-    pieces, j = [], n
-    while j > 0:
-        pieces.append(order[cut[j]:j])
-        j = cut[j]
-    return pieces[::-1]
-
-
-def _take(batch: dict, rows: list[int]) -> dict:
-    """The right-padded batch's ``rows``: per-example tensors (n, ...) indexed, token
-    tensors (n, L) also cut to the longest of those rows."""
-    mask = batch["attention_mask"]
-    rows = torch.tensor(rows, device=mask.device)
-    width = int(mask[rows].sum(1).max())
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v) and v.dim() >= 1 and len(v) == len(mask):
-            v = v[rows]
-            if k in TOKEN_KEYS:
-                v = v[:, :width]
-        out[k] = v
-    return out
 
 
 def _activation_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:

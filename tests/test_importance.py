@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny import FAMILIES, VOCAB, tiny_model
 
-from pgb import importance
-from pgb.importance import _pieces, importance_scores
+from pgb import pieces as pieces_mod
+from pgb.importance import importance_scores
+from pgb.pieces import split_rows
 
 LENGTHS = (11, 5, 8, 3, 11, 7, 4)
 
@@ -38,7 +39,7 @@ def ragged_batch(labels: str, left: bool = False, seed: int = 0) -> dict:
 
 def passes(model, batches, monkeypatch, pass_tokens: int) -> tuple[dict, int]:
     """Fisher scores with ``PASS_TOKENS = pass_tokens`` and how many forward passes ran."""
-    monkeypatch.setattr(importance, "PASS_TOKENS", pass_tokens)
+    monkeypatch.setattr(pieces_mod, "PASS_TOKENS", pass_tokens)
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
@@ -84,10 +85,10 @@ def _brute_force(lengths: list[int], pass_tokens: int) -> float:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_pieces_are_the_cheapest_cut_of_the_sorted_rows(seed, monkeypatch):
-    monkeypatch.setattr(importance, "PASS_TOKENS", 20)
+    monkeypatch.setattr(pieces_mod, "PASS_TOKENS", 20)
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 60, (9,), generator=g).tolist()
-    pieces = _pieces(lengths)
+    pieces = split_rows(lengths)
     assert sorted(i for p in pieces for i in p) == list(range(len(lengths)))  # a partition
     tops = [max(lengths[i] for i in p) for p in pieces]
     assert all(max(lengths[i] for i in p) <= min(lengths[i] for i in q)
@@ -97,6 +98,6 @@ def test_pieces_are_the_cheapest_cut_of_the_sorted_rows(seed, monkeypatch):
 
 
 def test_equal_lengths_stay_one_piece_and_far_apart_ones_split():
-    assert len(_pieces([40] * 32)) == 1
+    assert len(split_rows([40] * 32)) == 1
     short_long = [8] * 16 + [120] * 16
-    assert [sorted(p) for p in _pieces(short_long)] == [list(range(16)), list(range(16, 32))]
+    assert [sorted(p) for p in split_rows(short_long)] == [list(range(16)), list(range(16, 32))]
