@@ -354,7 +354,9 @@ def test_teacher_cache_skips_the_teacher_and_keeps_the_result(pipeline_dirs, sha
                 str(cache), "--out", str(tmp_path / "b"))
     reports = [json.loads((tmp_path / f).read_text())["refinetune"]["teacher_cache"]
                for f in ("sweep/s0.5/report.json", "sweep/s0.75/report.json", "b/report.json")]
-    assert [(r["misses"], r["hits"]) for r in reports] == [(3, 0), (0, 3), (0, 3)]
+    pieces = reports[0]["misses"]  # kept per piece of each of the 3 steps' batches
+    assert pieces >= 3
+    assert [(r["misses"], r["hits"]) for r in reports] == [(pieces, 0), (0, pieces), (0, pieces)]
     assert len(list(cache.glob("*.pt"))) == 1
     assert plain["metrics"] == again["metrics"] == sweep["sweep"][0]["metrics"]
     batch = {"input_ids": torch.randint(1000, 2000, (3, 11)),
