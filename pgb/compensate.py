@@ -102,7 +102,8 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
             if roles[-1] == "ffn_out":
                 with replay:
                     s_inputs = [_advance(layer_module(student, layer), i) for i in s_inputs]
-                t_inputs, ref = t_next, None
+                # the layer's recorded outputs go now, not while the next layer's teacher runs
+                t_inputs, ref, replay = t_next, None, None
     finally:
         student.train(was[0])
         teacher.train(was[1])
