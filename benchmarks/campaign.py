@@ -3,13 +3,13 @@
 For each task, method and re-finetuning the runner calls the CLI, exactly as a person
 would: one sparsity sweep (importance scores and grouping searches computed once; each
 budget's model is the one its single run writes), whose budget folders then move to
-``<runs>/<name>``, and one bench per point::
+``<runs>/<name>``; then one bench of all the task's models against its teacher::
 
     pgb -q compress --model <teacher> --task <task> --data-dir <data> --sparsity S1,S2,S3 \
         --out <runs>/<sweep name> [variant flags] [--no-refinetune] \
         [--teacher-cache <runs>/teacher-cache]
-    pgb -q bench --model <runs>/<name> --baseline <teacher> --batch-size B --seq-len L \
-        --threads T [--structured <runs>/<structured run of the same point>]
+    pgb -q bench --model <runs>/<name 1> --model <runs>/<name 2> ... --baseline <teacher> \
+        --batch-size B --seq-len L --threads T
 
 and writes one JSON per run to ``<results>/<name>.json`` (schema in benchmarks/README.md).
 Tables and plots come from those files alone (``benchmarks/make_results.py``).
@@ -18,16 +18,21 @@ batches in every run of a task: the teacher runs forward once per task, results
 unchanged). ``--no-sweep`` makes one compress command per run (``--sparsity S``,
 ``--out <runs>/<name>``).
 
+- One bench per task and re-finetuning: the teacher and every model of the task are timed
+  in the same interleaved rounds, so all its speed-ups (PGB's and its structured twin's,
+  recorded as ``structured_*`` in each PGB run) see the same machine load, and the teacher
+  is timed once instead of once per run. A structured twin made by an earlier campaign is
+  timed with them.
 - Resumable: a run whose result JSON exists is skipped (``--force`` re-runs everything,
   ``--retry-failed`` re-runs the failed ones); a finished compress folder is reused, so a
   run interrupted while benching only benches again.
 - A failing run is recorded (``"error"`` and the stderr tail) and the campaign goes on.
 - Order: no-re-finetune runs first (minutes each: a quick full picture), then re-finetuned
-  ones; inside a task, ``structured`` before the PGB variants so that they can time it in
-  their own bench process (both speed-ups measured under the same machine load).
-- A sweep's command time is shared out evenly over its runs' ``wall_seconds``; its later
-  budgets record ``shared_prune_seconds`` (the first budget's importance + grouping), which
-  ``make_results`` adds to their prune + compensate time: what each would spend alone.
+  ones; inside a task, ``structured`` first.
+- A sweep's command time is shared out evenly over its runs' ``wall_seconds``, and so is
+  the task's bench; its later budgets record ``shared_prune_seconds`` (the first budget's
+  importance + grouping), which ``make_results`` adds to their prune + compensate time:
+  what each would spend alone.
 
 Usage: ``python benchmarks/campaign.py --tasks mrpc --sparsities 0.5 --methods pgb,structured``
 (``--dry-run`` prints the commands only, and the time they are projected to take from the
@@ -150,12 +155,24 @@ def compress_cmd(run: Run, teacher: Path, out: Path, cfg: Settings, overwrite: b
     return cmd + list(cfg.compress_args)
 
 
-def bench_cmd(out: Path, teacher: Path, cfg: Settings, structured: Path | None) -> list[str]:
-    cmd = ["pgb", "-q", "bench", "--model", show(out), "--baseline", show(teacher),
-           "--batch-size", str(cfg.batch), "--seq-len", str(cfg.seq),
-           "--threads", str(cfg.threads)]
-    cmd += [] if structured is None else ["--structured", show(structured)]
+def bench_cmd(outs: list[Path], teacher: Path, cfg: Settings) -> list[str]:
+    """One ``pgb bench`` of every folder in ``outs`` against the teacher, in the same
+    interleaved rounds."""
+    cmd = ["pgb", "-q", "bench"]
+    for out in outs:
+        cmd += ["--model", show(out)]
+    cmd += ["--baseline", show(teacher), "--batch-size", str(cfg.batch), "--seq-len",
+            str(cfg.seq), "--threads", str(cfg.threads)]
     return cmd + list(cfg.bench_args)
+
+
+def bench_folders(runs: list[Run], cfg: Settings, planned: set[str] | None = None) -> list[Path]:
+    """The folders one task's bench times: its runs, then the structured twins of its PGB
+    runs that are not among them but exist (made by an earlier campaign) or are ``planned``
+    (run names)."""
+    twins = [structured_for(r, cfg, planned or set()) for r in runs]
+    return list(dict.fromkeys([cfg.runs / r.name for r in runs] +
+                              [t for t in twins if t is not None]))
 
 
 def builds_teachers(cfg: Settings) -> bool:
@@ -306,10 +323,19 @@ def shared_prune_seconds(report: dict) -> float:
     return round(sum(stages.get(k) or 0.0 for k in ("importance", "grouping")), 1)
 
 
-def execute(runs: list[Run], cfg: Settings, force: bool, teacher_errors: dict) -> list[dict]:
-    """Compress ``runs`` with one command (reusing finished folders), bench each, and
-    return their result records. A sweep's command time is shared out evenly over its
-    runs' ``wall_seconds``."""
+def blocks(runs: list[Run], sweep: bool = True) -> list[list[list[Run]]]:
+    """The compress commands (:func:`sweeps`) grouped by task and re-finetuning, in
+    execution order: each block's models are benched together once its commands ran."""
+    out: dict[tuple, list[list[Run]]] = {}
+    for group in sweeps(runs, sweep):
+        out.setdefault((group[0].refinetune, group[0].task), []).append(group)
+    return list(out.values())
+
+
+def compress_step(runs: list[Run], cfg: Settings, force: bool,
+                  teacher_errors: dict) -> list[dict]:
+    """Compress ``runs`` with one command (reusing finished folders); returns their records
+    (with the report, or the error), ``wall_seconds`` their share of the command."""
     start = time.time()
     teacher = cfg.teachers / runs[0].task
     records = [base_record(run, cfg, teacher) for run in runs]
@@ -323,37 +349,84 @@ def execute(runs: list[Run], cfg: Settings, force: bool, teacher_errors: dict) -
         for run, record in zip(runs, records, strict=True):
             record["commands"] = [shlex.join(cmd)] if run in todo else []
             failed(record, err)
-            record["wall_seconds"] = round((time.time() - start) / len(runs), 1)
+            record["wall_seconds"] = (time.time() - start) / len(runs)
         return records
     share = (time.time() - start) / len(todo) if todo else 0.0
     first: dict | None = None
     for run, record in zip(runs, records, strict=True):
-        t0, out = time.time(), cfg.runs / run.name
         record["model"] = base_model(cfg, teacher)
+        record["wall_seconds"] = share if run in todo else 0.0
         try:
-            report = json.loads((out / "report.json").read_text())
-            if run in todo:
-                record["commands"].append(shlex.join(cmd))
-                if len(todo) > 1:
-                    record["sweep"] = [r.sparsity for r in todo]
-                    if first is not None:
-                        record["shared_prune_seconds"] = shared_prune_seconds(first)
-                    first = first or report
-            else:
-                record["reused_compress_output"] = True
-            record["versions"] = report.get("versions")
-            record["report"] = select_report(report, run.task)
-            if record["seed"] is None:
-                record["seed"] = (report.get("config") or {}).get("seed")
-            record["loadavg_before_bench"] = list(os.getloadavg())
-            bench = bench_cmd(out, teacher, cfg, structured_for(run, cfg, planned=False))
-            record["commands"].append(shlex.join(bench))
-            record["bench"] = last_json(call(bench))
+            report = json.loads((cfg.runs / run.name / "report.json").read_text())
         except Exception as err:
             failed(record, err)
-        record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        record["wall_seconds"] = round(time.time() - t0 + (share if run in todo else 0.0), 1)
+            continue
+        if run in todo:
+            record["commands"].append(shlex.join(cmd))
+            if len(todo) > 1:
+                record["sweep"] = [r.sparsity for r in todo]
+                if first is not None:
+                    record["shared_prune_seconds"] = shared_prune_seconds(first)
+                first = first or report
+        else:
+            record["reused_compress_output"] = True
+        record["versions"] = report.get("versions")
+        record["report"] = select_report(report, run.task)
+        if record["seed"] is None:
+            record["seed"] = (report.get("config") or {}).get("seed")
     return records
+
+
+def bench_step(runs: list[Run], records: list[dict], cfg: Settings) -> float:
+    """Bench the compressed ``runs`` of one task in one ``pgb bench`` (the teacher and every
+    model timed in the same interleaved rounds, so all the task's speed-ups see the same
+    machine load) and add each run's figures, with its structured twin's, to its record.
+    Returns the seconds the bench took."""
+    from pgb.bench import with_structured  # imports torch: only when benching
+
+    ok = [(run, rec) for run, rec in zip(runs, records, strict=True) if "error" not in rec]
+    if not ok:
+        return 0.0
+    start = time.time()
+    outs = bench_folders([run for run, _ in ok], cfg)
+    cmd = bench_cmd(outs, cfg.teachers / runs[0].task, cfg)
+    load = list(os.getloadavg())
+    try:
+        out = last_json(call(cmd))
+        models = out.get("models") or {show(outs[0]): out}  # one model: the flat object
+        extra = {k: out[k] for k in ("reuse_memory", "compile_backend") if k in out}
+        for run, rec in ok:
+            rec["commands"].append(shlex.join(cmd))
+            rec["loadavg_before_bench"] = load
+            bench = models[show(cfg.runs / run.name)]
+            twin = structured_for(run, cfg, set())
+            if twin is not None and show(twin) in models:
+                bench = with_structured(bench, models[show(twin)])
+            rec["bench"] = {**bench, **extra}
+    except Exception as err:
+        for _, rec in ok:
+            failed(rec, err)
+    return time.time() - start
+
+
+def execute(block: list[list[Run]], cfg: Settings, force: bool,
+            teacher_errors: dict) -> list[tuple[Run, dict]]:
+    """Compress one task's runs (one command per group of ``block``), bench them together,
+    and return their result records. Each run's ``wall_seconds`` is its share of its
+    compress command plus its share of the bench."""
+    done: list[tuple[Run, dict]] = []
+    for group in block:
+        records = compress_step(group, cfg, force, teacher_errors)
+        seconds = sum(rec["wall_seconds"] for rec in records)
+        print(f"# compressed {', '.join(r.name for r in group)} in {hms(seconds)}", flush=True)
+        done += zip(group, records, strict=True)
+    runs, records = [run for run, _ in done], [rec for _, rec in done]
+    seconds = bench_step(runs, records, cfg)
+    benched = sum("bench" in rec for rec in records) or 1
+    for rec in records:
+        rec["wall_seconds"] = round(rec["wall_seconds"] + seconds / benched * ("bench" in rec), 1)
+        rec["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return done
 
 
 def failed(record: dict, err: Exception) -> None:
@@ -362,12 +435,13 @@ def failed(record: dict, err: Exception) -> None:
     record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def structured_for(run: Run, cfg: Settings, planned: bool) -> Path | None:
-    """The structured twin's folder for a PGB variant, if it exists (or is planned)."""
+def structured_for(run: Run, cfg: Settings, planned: set[str]) -> Path | None:
+    """The structured twin's folder for a PGB variant, if it exists or is ``planned``."""
     if run.method != "pgb":
         return None
-    folder = cfg.runs / run.structured_twin().name
-    return folder if planned or (folder / "report.json").is_file() else None
+    twin = run.structured_twin().name
+    folder = cfg.runs / twin
+    return folder if twin in planned or (folder / "report.json").is_file() else None
 
 
 # ---------------------------------------------------------------- driver
@@ -471,26 +545,25 @@ def dry_run(runs: list[Run], cfg: Settings, planned: set[str], limit: int | None
             sweep: bool = True) -> None:
     """Print what would run, teachers included; nothing is executed."""
     shown: set[str] = set()
-    for group in sweeps(runs[:limit], sweep):
-        teacher = cfg.teachers / group[0].task
-        if not teacher.is_dir() and group[0].task not in shown:
-            shown.add(group[0].task)
+    for block in blocks(runs[:limit], sweep):
+        teacher = cfg.teachers / block[0][0].task
+        if not teacher.is_dir() and block[0][0].task not in shown:
+            shown.add(block[0][0].task)
             try:
-                print(shlex.join(teacher_cmd(group[0].task, cfg)))
+                print(shlex.join(teacher_cmd(block[0][0].task, cfg)))
             except FileNotFoundError as err:
                 print(f"# {err}")
-        if len(group) > 1:
-            print(f"# sweep: {', '.join(r.name for r in group)}")
-            print(shlex.join(group_cmd(group, teacher, cfg, force=False)))
-        for run in group:
-            structured = structured_for(run, cfg, planned=False)
-            twin = run.structured_twin().name
-            if structured is None and run.method == "pgb" and twin in planned:
-                structured = cfg.runs / twin
-            print(f"# {run.name}")
-            if len(group) == 1:
-                print(shlex.join(compress_cmd(run, teacher, cfg.runs / run.name, cfg)))
-            print(shlex.join(bench_cmd(cfg.runs / run.name, teacher, cfg, structured)))
+        for group in block:
+            if len(group) > 1:
+                print(f"# sweep: {', '.join(r.name for r in group)}")
+                print(shlex.join(group_cmd(group, teacher, cfg, force=False)))
+            for run in group:
+                print(f"# {run.name}")
+                if len(group) == 1:
+                    print(shlex.join(compress_cmd(run, teacher, cfg.runs / run.name, cfg)))
+        runs_here = [run for group in block for run in group]
+        print(f"# bench: {', '.join(r.name for r in runs_here)}")
+        print(shlex.join(bench_cmd(bench_folders(runs_here, cfg, planned), teacher, cfg)))
     print(projection(runs[:limit], cfg))
 
 
@@ -502,8 +575,8 @@ def campaign(runs: list[Run], cfg: Settings, force: bool, limit: int | None,
     teacher_errors: dict[str, str | None] = {}
     runs = runs[:limit]
     failures, count = 0, 0
-    for group in sweeps(runs, sweep):
-        for run, record in zip(group, execute(group, cfg, force, teacher_errors), strict=True):
+    for block in blocks(runs, sweep):
+        for run, record in execute(block, cfg, force, teacher_errors):
             write_json(cfg.results / f"{run.name}.json", record)
             done[run.refinetune].append(record["wall_seconds"])
             failures += "error" in record

@@ -177,6 +177,9 @@ def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
     return out
 
 
+SETTINGS = ("batch_size", "seq_len", "threads", "device", "torch")  # of the bench run
+
+
 def summarize(res: dict[str, dict], batch_size: int, seq_len: int, threads, device) -> dict:
     """The flat JSON object ``pgb bench`` prints: compressed figures, others prefixed.
 
@@ -186,12 +189,22 @@ def summarize(res: dict[str, dict], batch_size: int, seq_len: int, threads, devi
     summary = dict(res["compressed"])
     summary.update({"batch_size": batch_size, "seq_len": seq_len, "threads": threads,
                     "device": device, "torch": torch.__version__})
-    for other in ("baseline", "structured"):
-        for k, v in res.get(other, {}).items():
-            summary[f"{other}_{k}"] = v
+    for k, v in res.get("baseline", {}).items():
+        summary[f"baseline_{k}"] = v
     if "baseline" in res:
-        base = res["baseline"]["latency_ms"]
-        summary["speedup"] = base / res["compressed"]["latency_ms"]
-        if "structured" in res:
-            summary["structured_speedup"] = base / res["structured"]["latency_ms"]
+        summary["speedup"] = res["baseline"]["latency_ms"] / res["compressed"]["latency_ms"]
+    if "structured" in res:
+        twin = summarize({"compressed": res["structured"],
+                          **({"baseline": res["baseline"]} if "baseline" in res else {})},
+                         batch_size, seq_len, threads, device)
+        summary = with_structured(summary, twin)
     return summary
+
+
+def with_structured(summary: dict, twin: dict) -> dict:
+    """``summary`` with ``twin``'s own figures added as ``structured_*`` (``speedup`` becomes
+    ``structured_speedup``); both are one-model objects as :func:`summarize` makes them from
+    the same bench run. The result is what a bench run with ``--structured`` prints."""
+    own = {k: v for k, v in twin.items()
+           if k not in SETTINGS and not k.startswith(("baseline_", "structured_"))}
+    return {**summary, **{f"structured_{k}": v for k, v in own.items()}}

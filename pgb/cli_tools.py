@@ -7,7 +7,10 @@ import argparse
 
 def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency/throughput/size: compressed vs baseline")
-    p.add_argument("--model", required=True, help="compressed model folder")
+    p.add_argument("--model", required=True, action="append",
+                   help="compressed model folder; repeat it to time several models in the "
+                        "same interleaved rounds (the last line then holds them all under "
+                        "\"models\", each with its speed-up over --baseline)")
     p.add_argument("--baseline", help="dense teacher folder to compare against")
     p.add_argument("--structured", help="a head/neuron-pruned folder to measure as well")
     p.add_argument("--batch-size", type=int, default=32,

@@ -9,12 +9,14 @@ log = logging.getLogger(__name__)
 
 
 def cmd_bench(args) -> dict:
-    """Latency, throughput and size of a compressed model against its baselines."""
+    """Latency, throughput and size of compressed models against their baselines."""
     import torch
 
     from .bench import NOISY_SPREAD, bench_folders, summarize
 
-    folders = {"compressed": args.model}
+    models = list(dict.fromkeys(args.model))  # a folder named twice is timed once
+    names = ["compressed"] if len(models) == 1 else [f"compressed {i}" for i in range(len(models))]
+    folders = dict(zip(names, models, strict=True))
     for name in ("baseline", "structured"):
         if getattr(args, name):
             folders[name] = getattr(args, name)
@@ -24,7 +26,8 @@ def cmd_bench(args) -> dict:
                         progress=not args.quiet, reuse_memory=args.reuse_memory,
                         compile_backend=args.compile)
     for name, r in res.items():
-        print(f"{name:>11}: {r['latency_ms']:8.2f} ms  {r['throughput_seq_s']:8.1f} seq/s  "
+        shown = folders[name] if len(names) > 1 and name in names else name
+        print(f"{shown:>11}: {r['latency_ms']:8.2f} ms  {r['throughput_seq_s']:8.1f} seq/s  "
               f"{r['params'] / 1e6:6.2f} M params  {r['checkpoint_bytes'] / 2**20:7.1f} MiB",
               file=sys.stderr)
         spread = r["latency_spread"]
@@ -32,9 +35,17 @@ def cmd_bench(args) -> dict:
             log.warning("%s: latency varied by %.0f%% of its median across the %d timed runs "
                         "(10th to 90th percentile), so the speed-up carries that noise; rerun "
                         "with more --repeats or on a quieter machine, and compare several runs",
-                        name, 100 * spread, args.repeats)
-    summary = summarize(res, args.batch_size, args.seq_len,
-                        args.threads or torch.get_num_threads(), device)
+                        shown, 100 * spread, args.repeats)
+    threads = args.threads or torch.get_num_threads()
+    if len(models) == 1:
+        summary = summarize(res, args.batch_size, args.seq_len, threads, device)
+    else:  # one entry per model, as its own one-model bench would print it
+        others = {k: res[k] for k in ("baseline", "structured") if k in res}
+        summary = {**others, "models": {
+            folders[name]: summarize({**others, "compressed": res[name]}, args.batch_size,
+                                     args.seq_len, threads, device) for name in names}}
+        summary.update({"batch_size": args.batch_size, "seq_len": args.seq_len,
+                        "threads": threads, "device": device, "torch": torch.__version__})
     summary["reuse_memory"] = args.reuse_memory
     summary["compile_backend"] = args.compile
     return summary

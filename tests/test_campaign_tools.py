@@ -204,29 +204,28 @@ def test_dry_run_prints_exact_commands(capsys, tmp_path):
                      for v in ("structured", "magnitude", "pgb", "pgb-noperm")]
     cmds = {(c[2], c[c.index("--out" if c[2] == "compress" else "--model") + 1]): c
             for c in (shlex.split(line) for line in lines if line.startswith("pgb "))}
-    assert len(cmds) == 16
+    assert len(cmds) == 8 + 2  # a compress per run, a bench per task and re-finetuning
 
     def compress(name, *flags):
         return ["pgb", "-q", "compress", "--model", str(t), "--task", "mrpc", "--data-dir", d,
                 "--sparsity", "0.5", "--out", str(r / name), *flags]
 
-    def bench(name, *flags):
-        return ["pgb", "-q", "bench", "--model", str(r / name), "--baseline", str(t),
-                "--batch-size", "32", "--seq-len", "128", "--threads", "2", *flags]
+    def bench(rft):  # all the task's models against the teacher, in one process
+        models = [x for v in ("structured", "magnitude", "pgb", "pgb-noperm")
+                  for x in ("--model", str(r / f"minilm-mrpc-{v}-s0.5-{rft}"))]
+        return ["pgb", "-q", "bench", *models, "--baseline", str(t),
+                "--batch-size", "32", "--seq-len", "128", "--threads", "2"]
 
     pgb = "minilm-mrpc-pgb-s0.5-rft"
     cache = ("--teacher-cache", str(r / "teacher-cache"))  # re-finetuning runs share it
     assert cmds[("compress", str(r / pgb))] == compress(pgb, *cache)
-    assert cmds[("bench", str(r / pgb))] == bench(
-        pgb, "--structured", str(r / "minilm-mrpc-structured-s0.5-rft"))
     name = "minilm-mrpc-pgb-noperm-s0.5-nrft"
     assert cmds[("compress", str(r / name))] == compress(name, "--no-permutation",
                                                          "--no-refinetune")
-    assert cmds[("bench", str(r / name))] == bench(
-        name, "--structured", str(r / "minilm-mrpc-structured-s0.5-nrft"))
     name = "minilm-mrpc-magnitude-s0.5-rft"
     assert cmds[("compress", str(r / name))] == compress(name, "--method", "magnitude", *cache)
-    assert cmds[("bench", str(r / name))] == bench(name)
+    for rft in ("nrft", "rft"):
+        assert cmds[("bench", str(r / f"minilm-mrpc-structured-s0.5-{rft}"))] == bench(rft)
     name = "minilm-mrpc-structured-s0.5-nrft"
     assert cmds[("compress", str(r / name))] == compress(name, "--method", "structured",
                                                          "--no-refinetune")
@@ -246,9 +245,12 @@ def test_dry_run_variant_flags_and_bench_settings(capsys, tmp_path):
             if c[:3] == ["pgb", "-q", "compress"]] == [
         ["--no-refinetune"], ["--teacher-cache", str(tmp_path / "tc")]]
     bench = [shlex.split(x) for x in lines if x.startswith("pgb -q bench")]
-    # no structured run planned or present: no --structured flag
-    assert [c[-6:] for c in bench] == [["--batch-size", "8", "--seq-len", "64",
-                                        "--threads", "1"]] * 2
+    # one bench of the task's two models; no structured twin planned or present
+    assert [c[3:] for c in bench] == [[
+        "--model", str(tmp_path / "runs" / "minilm-mrpc-pgb-uniform-s0.5-rft"),
+        "--model", str(tmp_path / "runs" / "minilm-mrpc-pgb-nocomp-s0.5-rft"),
+        "--baseline", str(tmp_path / "teachers" / "mrpc"),
+        "--batch-size", "8", "--seq-len", "64", "--threads", "1"]]
 
 
 def test_dry_run_projects_the_time_from_runs_on_record(capsys, tmp_path):
@@ -340,7 +342,13 @@ class FakeCLI:
             if sweep:
                 (out / "sweep.json").write_text("{}")
             return '{"method": "pgb"}\n'
-        return "progress noise\n" + json.dumps({"speedup": 1.7, "latency_ms": 10.0}) + "\n"
+        if self.fail == "bench":
+            raise campaign.RunFailed(cmd, 1, "Killed")
+        models = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--model"]
+        figures = {m: {"speedup": 2.0 if "structured" in m else 1.7, "latency_ms": 10.0,
+                       "batch_size": 32, "baseline_latency_ms": 17.0} for m in models}
+        out = figures[models[0]] if len(models) == 1 else {"models": figures}
+        return "progress noise\n" + json.dumps({**out, "reuse_memory": False}) + "\n"
 
 
 def test_campaign_writes_records_and_continues_after_a_failure(capsys, tmp_path, monkeypatch):
@@ -366,10 +374,17 @@ def test_campaign_writes_records_and_continues_after_a_failure(capsys, tmp_path,
     assert rec["report"]["main_metric"] == "accuracy"
     assert rec["report"]["main_value"] == 0.72
     assert rec["report"]["ratio_to_teacher"] == pytest.approx(0.9)
-    assert "matrices" not in rec["report"] and rec["bench"]["speedup"] == 1.7
+    assert "matrices" not in rec["report"]
+    # its figures and its structured twin's, from one bench of the task's models
+    assert rec["bench"] == {"speedup": 1.7, "latency_ms": 10.0, "batch_size": 32,
+                            "baseline_latency_ms": 17.0, "structured_speedup": 2.0,
+                            "structured_latency_ms": 10.0, "reuse_memory": False}
     assert [shlex.split(c)[2] for c in rec["commands"]] == ["compress", "bench"]
-    assert shlex.split(rec["commands"][1])[-2:] == [
-        "--structured", str(tmp_path / "runs" / "minilm-mrpc-structured-s0.5-nrft")]
+    runs = tmp_path / "runs"
+    assert [x for x in shlex.split(rec["commands"][1]) if str(runs) in x] == [
+        str(runs / "minilm-mrpc-structured-s0.5-nrft"), str(runs / "minilm-mrpc-pgb-s0.5-nrft")]
+    twin = json.loads((tmp_path / "res" / "minilm-mrpc-structured-s0.5-nrft.json").read_text())
+    assert twin["bench"]["speedup"] == 2.0 and "structured_speedup" not in twin["bench"]
 
     bad = json.loads((tmp_path / "res" / "minilm-mrpc-magnitude-s0.5-nrft.json").read_text())
     assert bad["error"] == "RunFailed: `pgb -q compress` exited with status 1"
@@ -397,6 +412,31 @@ def test_finished_compress_folder_is_reused(tmp_path, monkeypatch):
     assert [c[2] for c in fake.calls] == ["compress", "bench"] and "--overwrite" in fake.calls[0]
 
 
+def test_a_failed_bench_fails_the_task_runs_and_times_are_shared(tmp_path, monkeypatch):
+    fake = FakeCLI(fail="bench")
+    monkeypatch.setattr(campaign, "call", fake)
+    clock = iter(range(0, 1000, 10))  # every time.time() call: 10 s later
+    monkeypatch.setattr(campaign.time, "time", lambda: float(next(clock)))
+    (tmp_path / "teachers" / "mrpc").mkdir(parents=True)
+    argv = ["--tasks", "mrpc", "--sparsities", "0.5,0.75", "--methods", "pgb",
+            "--refinetune", "yes", "--teachers", str(tmp_path / "teachers"),
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    assert campaign.main(argv) == 1  # failures
+    recs = [json.loads((tmp_path / "res" / f"minilm-mrpc-pgb-s{s}-rft.json").read_text())
+            for s in ("0.5", "0.75")]
+    assert all(r["error"] == "RunFailed: `pgb -q bench` exited with status 1" for r in recs)
+    assert all(r["stderr_tail"] == "Killed" and "bench" not in r for r in recs)
+    # the sweep's 10 s shared by its two runs; a failed bench adds nothing
+    assert [r["wall_seconds"] for r in recs] == [5.0, 5.0]
+    fake.fail, fake.calls = "", []  # retried: the compressed folders are reused
+    assert campaign.main([*argv, "--retry-failed"]) == 0
+    assert [c[2] for c in fake.calls] == ["bench"]
+    recs = [json.loads((tmp_path / "res" / f"minilm-mrpc-pgb-s{s}-rft.json").read_text())
+            for s in ("0.5", "0.75")]
+    assert [r["wall_seconds"] for r in recs] == [5.0, 5.0]  # the bench's 10 s, shared
+    assert all(r["reused_compress_output"] and r["bench"]["speedup"] == 1.7 for r in recs)
+
+
 def test_missing_teacher_is_built_once_or_recorded_as_the_failure(tmp_path, monkeypatch):
     argv = ["--tasks", "mrpc", "--sparsities", "0.5,0.75", "--methods", "pgb",
             "--refinetune", "no", "--runs", str(tmp_path / "runs"),
@@ -407,7 +447,7 @@ def test_missing_teacher_is_built_once_or_recorded_as_the_failure(tmp_path, monk
     assert campaign.main(argv) == 0
     assert [c[:2] + c[2:3] for c in fake.calls] == [  # one sweep makes both budgets
         ["bash", "benchmarks/teachers.sh", "mrpc"], ["pgb", "-q", "compress"],
-        ["pgb", "-q", "bench"], ["pgb", "-q", "bench"]]
+        ["pgb", "-q", "bench"]]
 
     fake.calls.clear()  # a teacher folder elsewhere that is missing: recorded, nothing run
     other = [*argv[:-1], str(tmp_path / "elsewhere"), "--results", str(tmp_path / "res2")]
@@ -442,7 +482,8 @@ def test_sweeps_make_each_run_folder_and_record(tmp_path, monkeypatch, capsys):
     assert second["shared_prune_seconds"] == 10.0 + 20.0  # the first budget's own stages
     assert make_results.prune_seconds(second) == 11.0 + 20.0 + 30.0 + 30.0
     assert second["report"]["achieved_sparsity"] == 0.75
-    assert shlex.split(second["commands"][1])[-1] == str(runs / "minilm-mrpc-structured-s0.75-rft")
+    assert first["commands"][1] == second["commands"][1]  # one bench of the task's models
+    assert second["bench"]["structured_speedup"] == 2.0
     bad = json.loads((res / "minilm-mrpc-magnitude-s0.75-rft.json").read_text())
     assert bad["error"].startswith("RunFailed") and "--sparsity 0.5,0.75" in bad["commands"][0]
     capsys.readouterr()
@@ -458,7 +499,7 @@ def test_sweeps_make_each_run_folder_and_record(tmp_path, monkeypatch, capsys):
     assert campaign.main([*argv, "--force", "--dry-run", "--methods", "pgb"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "# sweep: minilm-mrpc-pgb-s0.5-rft, minilm-mrpc-pgb-s0.75-rft" in lines
-    assert sum(" compress " in x for x in lines) == 1 and sum(" bench " in x for x in lines) == 2
+    assert sum(" compress " in x for x in lines) == 1 and sum(" bench " in x for x in lines) == 1
 
 
 def test_no_refinetune_rows_derived_from_before_metrics():

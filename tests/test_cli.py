@@ -92,6 +92,37 @@ def test_bench_export_report(pipeline_dirs, tmp_path, capsys):
     assert (comp / "report.png").read_bytes()[:4] == b"\x89PNG" and rep["report_png"]
 
 
+def test_bench_of_several_models_gives_each_its_one_model_figures(pipeline_dirs, capsys,
+                                                                  monkeypatch):
+    """``--model`` repeated: every model timed in the same rounds, each entry what a
+    one-model bench prints; a structured twin among them composes with ``with_structured``."""
+    import pgb.bench
+
+    teacher, comp = pipeline_dirs
+    seconds = {"compressed": 0.010, "compressed 0": 0.010, "structured": 0.020,
+               "compressed 1": 0.020, "baseline": 0.030}
+    timed = []
+
+    def fake(models, *args, **kwargs):
+        timed.append(list(models))
+        return {name: [seconds[name]] * 5 for name in models}
+
+    monkeypatch.setattr(pgb.bench, "time_models", fake)
+    monkeypatch.setattr(pgb.bench, "peak_memory_mb", lambda *a, **k: 123.0)
+    flags = ["--baseline", str(teacher), "--batch-size", "2", "--seq-len", "8", "--threads", "1"]
+    one = run(capsys, "bench", "--model", str(comp), "--structured", str(teacher), *flags)
+    many = run(capsys, "bench", "--model", str(comp), "--model", str(teacher), *flags)
+    assert timed == [["compressed", "baseline", "structured"],
+                     ["compressed 0", "compressed 1", "baseline"]]
+    assert set(many["models"]) == {str(comp), str(teacher)}
+    assert many["models"][str(comp)]["speedup"] == pytest.approx(3.0)
+    assert many["models"][str(teacher)]["speedup"] == pytest.approx(1.5)
+    assert many["baseline"]["latency_ms"] == pytest.approx(30.0)
+    composed = pgb.bench.with_structured(many["models"][str(comp)], many["models"][str(teacher)])
+    assert {**composed, "reuse_memory": False, "compile_backend": None} == one
+    assert one["structured_speedup"] == pytest.approx(1.5)
+
+
 def test_compress_with_shared_order_round_trips(pipeline_dirs, shared_data, tmp_path):
     import torch
 
