@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .config import TrainConfig
-from .pieces import length_pieces, take_rows
+from .pieces import each_piece
 from .surgery import hidden_state_orders
 from .teacher_cache import TeacherOutputs
 
@@ -185,18 +185,13 @@ def _step(runner, teacher, batch, cfg: TrainConfig, device, backward: bool = Tru
     the real tokens, for hidden-state distillation), so the sum is the batch's loss."""
     batch = {k: v.to(device) for k, v in batch.items()}
     hidden = teacher is not None and cfg.kd_alpha > 0 and cfg.kd_hidden > 0
-    pieces = length_pieces(batch)
     mask = batch.get("attention_mask")
-    examples = sum(len(rows) for rows in pieces)
     tokens = mask.sum() if mask is not None else None
     total = 0.0
-    for i, rows in enumerate(pieces):
-        piece = batch if len(pieces) == 1 else take_rows(batch, rows)
-        last = i == len(pieces) - 1
+    for piece, share, last in each_piece(batch):
         no_sync = getattr(runner, "no_sync", None)  # DDP: all-reduce once, after the last
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             out = runner(**piece, output_hidden_states=hidden)
-            share = len(rows) / examples
             loss = out.loss * share
             if teacher is not None and cfg.kd_alpha > 0:
                 if isinstance(teacher, TeacherOutputs) and not hidden:  # kept per piece

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import MATRICES, dims_of, get_matrix
 from .distributed import all_reduce_sum, shard
-from .pieces import length_pieces, take_rows
+from .pieces import each_piece
 
 log = logging.getLogger(__name__)
 METHODS = ("fisher", "magnitude", "activation")
@@ -92,14 +92,10 @@ def _fisher_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
 def _batch_gradient(model: nn.Module, batch: dict, weights: list) -> list[torch.Tensor]:
     """Gradient of the batch's loss, run as length-sorted pieces with less padding (the
     same gradient up to float rounding: see :mod:`pgb.pieces`)."""
-    rows = length_pieces(batch)
-    if len(rows) == 1:
-        return list(torch.autograd.grad(model(**batch).loss, weights))
-    size = sum(len(r) for r in rows)
     total = None
-    for piece in rows:
-        grads = torch.autograd.grad(model(**take_rows(batch, piece)).loss * (len(piece) / size),
-                                    weights)
+    for piece, share, _ in each_piece(batch):
+        loss = model(**piece).loss
+        grads = torch.autograd.grad(loss if share == 1 else loss * share, weights)
         total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads,
                                                                              strict=True)]
     return total

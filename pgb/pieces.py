@@ -37,6 +37,17 @@ def length_pieces(batch: dict) -> list[list[int]]:
     return split_rows(mask.sum(1).tolist())
 
 
+def each_piece(batch: dict):
+    """Yield ``(piece, share, last)`` for the pieces ``batch`` runs in: the piece's batch
+    (``batch`` itself when it is not cut), its share of the batch's examples (the weight of
+    its mean loss), and whether it is the last piece."""
+    pieces = length_pieces(batch)
+    examples = sum(len(rows) for rows in pieces)
+    for i, rows in enumerate(pieces):
+        piece = batch if len(pieces) == 1 else take_rows(batch, rows)
+        yield piece, len(rows) / examples, i == len(pieces) - 1
+
+
 def split_rows(lengths: list[int]) -> list[list[int]]:
     """Row indices of the pieces a batch of examples of these token ``lengths`` is run in:
     the rows by length, cut to minimise padded tokens + ``PASS_TOKENS`` per pass (an exact

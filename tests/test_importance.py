@@ -101,3 +101,19 @@ def test_equal_lengths_stay_one_piece_and_far_apart_ones_split():
     assert len(split_rows([40] * 32)) == 1
     short_long = [8] * 16 + [120] * 16
     assert [sorted(p) for p in split_rows(short_long)] == [list(range(16)), list(range(16, 32))]
+
+
+def test_each_piece_weights_add_up_and_only_the_last_is_last(monkeypatch):
+    monkeypatch.setattr(pieces_mod, "PASS_TOKENS", 0)
+    batch = ragged_batch("class")
+    got = list(pieces_mod.each_piece(batch))
+    assert len(got) == len(set(LENGTHS))
+    assert sum(share for _, share, _ in got) == pytest.approx(1.0)
+    assert [last for *_, last in got] == [False] * (len(got) - 1) + [True]
+    for piece, share, _ in got:  # every row of a piece is as long as its tokens
+        assert share == len(piece["labels"]) / len(LENGTHS)
+        assert bool(piece["attention_mask"][:, -1].any())
+    assert sorted(int(k) for p, *_ in got for k in p["attention_mask"].sum(1)) == \
+        sorted(LENGTHS)
+    whole = list(pieces_mod.each_piece(ragged_batch("qa")))  # not cut: the batch itself
+    assert len(whole) == 1 and whole[0][1:] == (1.0, True)
