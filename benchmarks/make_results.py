@@ -316,8 +316,11 @@ def machine_section(records: list[dict]) -> list[str]:
         per_task = ", ".join(f"{t} {hours(w)}" for t, w in sorted(walls.items()))
         lines.append(f"- wall time of the runs (`wall_seconds`, compress + bench, summed): "
                      f"{hours(sum(walls.values()))} ({per_task})")
-    n_failed = sum(not is_ok(r) for r in records)
-    lines.append(f"- {len(records)} result files, {n_failed} failed")
+    files = [r for r in records if not r.get("derived_from")]
+    derived = len(records) - len(files)
+    n_failed = sum(not is_ok(r) for r in files)
+    lines.append(f"- {len(files)} result files, {n_failed} failed"
+                 + (f"; {derived} no-re-finetuning rows derived from them" if derived else ""))
     return lines + [""]
 
 
