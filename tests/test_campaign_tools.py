@@ -502,6 +502,20 @@ def test_sweeps_make_each_run_folder_and_record(tmp_path, monkeypatch, capsys):
     assert sum(" compress " in x for x in lines) == 1 and sum(" bench " in x for x in lines) == 1
 
 
+def test_results_md_counts_files_apart_from_derived_rows(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for sparsity in (0.5, 0.75):  # re-finetuned, with their metrics before re-finetuning
+        rec = result("mrpc", "pgb", sparsity, 0.76, 1.8)
+        rec["report"]["metrics_before_refinetune"] = {"accuracy": 0.7, "f1": 0.8}
+        (folder / f"{rec['name']}.json").write_text(json.dumps(rec))
+    out = tmp_path / "RESULTS.md"
+    assert make_results.main(["--results", str(folder), "--out", str(out),
+                              "--plots", str(tmp_path / "plots")]) == 0
+    assert "- 2 result files, 0 failed; 2 no-re-finetuning rows derived from them" in \
+        out.read_text().splitlines()
+
+
 def test_no_refinetune_rows_derived_from_before_metrics():
     rec = {"name": "minilm-mrpc-pgb-s0.5-rft", "task": "mrpc", "variant": "pgb",
            "method": "pgb", "sparsity": 0.5, "refinetune": True,
