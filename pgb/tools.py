@@ -12,7 +12,7 @@ def cmd_bench(args) -> dict:
     """Latency, throughput and size of compressed models against their baselines."""
     import torch
 
-    from .bench import NOISY_SPREAD, bench_folders, summarize
+    from .bench import NOISY_SPREAD, SETTINGS, bench_folders, summarize
 
     models = list(dict.fromkeys(args.model))  # a folder named twice is timed once
     names = ["compressed"] if len(models) == 1 else [f"compressed {i}" for i in range(len(models))]
@@ -44,8 +44,8 @@ def cmd_bench(args) -> dict:
         summary = {**others, "models": {
             folders[name]: summarize({**others, "compressed": res[name]}, args.batch_size,
                                      args.seq_len, threads, device) for name in names}}
-        summary.update({"batch_size": args.batch_size, "seq_len": args.seq_len,
-                        "threads": threads, "device": device, "torch": torch.__version__})
+        entry = next(iter(summary["models"].values()))
+        summary.update({k: entry[k] for k in SETTINGS})  # the run's, as in every entry
     summary["reuse_memory"] = args.reuse_memory
     summary["compile_backend"] = args.compile
     return summary

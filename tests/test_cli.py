@@ -118,6 +118,7 @@ def test_bench_of_several_models_gives_each_its_one_model_figures(pipeline_dirs,
     assert many["models"][str(comp)]["speedup"] == pytest.approx(3.0)
     assert many["models"][str(teacher)]["speedup"] == pytest.approx(1.5)
     assert many["baseline"]["latency_ms"] == pytest.approx(30.0)
+    assert (many["batch_size"], many["seq_len"], many["threads"]) == (2, 8, 1)
     composed = pgb.bench.with_structured(many["models"][str(comp)], many["models"][str(teacher)])
     assert {**composed, "reuse_memory": False, "compile_backend": None} == one
     assert one["structured_speedup"] == pytest.approx(1.5)
