@@ -304,15 +304,20 @@ def group_cmd(runs: list[Run], teacher: Path, cfg: Settings, force: bool) -> lis
 
 def compress_group(runs: list[Run], cmd: list[str], cfg: Settings) -> None:
     """Run ``cmd``, the compress command of ``runs``; a sweep's budget folders then move to
-    their runs' folders (``<runs>/<run name>``, as a single run writes)."""
+    their runs' folders (``<runs>/<run name>``, as a single run writes), each with a copy of
+    the sweep's own files (its ``log.txt`` and ``sweep.json``) under ``sweep/``."""
     call(cmd)
     if len(runs) > 1:
         out = sweep_out(runs, cfg)
+        shared = [f for f in out.iterdir() if f.is_file()]
         for run in runs:
             dest = cfg.runs / run.name
             if dest.exists():  # --force: the campaign's own earlier output
                 shutil.rmtree(dest)
             os.replace(out / f"s{run.sparsity:g}", dest)
+            (dest / "sweep").mkdir()
+            for f in shared:
+                shutil.copy2(f, dest / "sweep" / f.name)
         shutil.rmtree(out)
 
 

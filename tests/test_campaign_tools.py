@@ -341,6 +341,7 @@ class FakeCLI:
                 (folder / "report.json").write_text(json.dumps(report))
             if sweep:
                 (out / "sweep.json").write_text("{}")
+                (out / "log.txt").write_text("the sweep's log")
             return '{"method": "pgb"}\n'
         if self.fail == "bench":
             raise campaign.RunFailed(cmd, 1, "Killed")
@@ -474,6 +475,10 @@ def test_sweeps_make_each_run_folder_and_record(tmp_path, monkeypatch, capsys):
                for c in compress)
     assert sorted(p.name for p in runs.iterdir()) == sorted(  # sweep folders moved, removed
         f"minilm-mrpc-{v}-s{s}-rft" for v in ("structured", "pgb") for s in ("0.5", "0.75"))
+    for s in ("0.5", "0.75"):  # each run keeps the sweep's log and summary
+        kept = runs / f"minilm-mrpc-pgb-s{s}-rft" / "sweep"
+        assert (kept / "log.txt").read_text() == "the sweep's log"
+        assert (kept / "sweep.json").is_file()
     first, second = (json.loads((res / f"minilm-mrpc-pgb-s{s}-rft.json").read_text())
                      for s in ("0.5", "0.75"))
     assert first["sweep"] == second["sweep"] == [0.5, 0.75]
