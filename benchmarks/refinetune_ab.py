@@ -31,7 +31,8 @@ def run(task: str, code: str, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "out"
         cmd = ["pgb", "-q", "compress", "--model", str(Path(args.models).resolve() / task),
                "--task", task, "--data-dir", str(Path(args.data_dir).resolve()),
-               "--sparsity", str(args.sparsity), "--calib-samples", "256", "--max-train-samples", "4000",
+               "--sparsity", str(args.sparsity), "--calib-samples", "256",
+               "--max-train-samples", "4000",
                "--refinetune-steps", str(args.steps), "--max-eval-samples", "200",
                "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=tmp, env=env, capture_output=True, text=True)
