@@ -266,14 +266,14 @@ def _row(r: dict, base: dict) -> str:
             f"| {r['efficiency']:.3f} | {mark} | {r['others_cpu']:.2f} |")
 
 
-def write_markdown(data: dict, path: Path) -> None:
-    """The results table, generated from the JSON."""
+def write_markdown(data: dict, path: Path, source: Path) -> None:
+    """The results table, generated from the JSON file ``source``."""
     meta, rows = data["meta"], data["records"]
     base = {(r["shape"], r["G"], r["tokens"]): r["grouped_ms"]
             for r in rows if r["variant"] == "none"}
     lines = [
         "# GroupedLinear vs dense nn.Linear (CPU)", "",
-        f"Generated from `{RESULTS.name}/grouped_linear.json` by "
+        f"Generated from `{source.parent.name}/{source.name}` by "
         f"`benchmarks/bench_grouped_linear.py`. torch {meta['torch']}, {meta['threads']} "
         f"threads, {meta['cpu']}, {meta['date']}. Scheduler: {meta['scheduler']}. "
         f"Allocator: {meta['allocator']}. Memory "
@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.md_only:
-        write_markdown(json.loads(args.json.read_text()), args.md)
+        write_markdown(json.loads(args.json.read_text()), args.md, args.json)
         return 0
     torch.set_num_threads(args.threads)
     allocator = "glibc default" if args.no_malloc_tuning else tune_malloc()
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"meta": meta, "records": records}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=1) + "\n")
-    write_markdown(data, args.md)
+    write_markdown(data, args.md, args.json)
     return 0
 
 
