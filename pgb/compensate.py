@@ -193,8 +193,8 @@ def _teacher_layer(teacher: nn.Module, layer: int, inputs: list[dict]) -> tuple[
     try:
         for inp in inputs:
             nxt.append(_advance(layer_module(teacher, layer), inp))
-            refs.append({k: _tokens(box[k], inp["mask"])[:, :-1] for k in ("x", "attn", "x2",
-                                                                             "ffn")})
+            refs.append({k: _tokens(box[k], inp["mask"], copy=True)
+                         for k in ("x", "attn", "x2", "ffn")})
     finally:
         for h in hooks:
             h.remove()
@@ -245,15 +245,30 @@ def _advance(layer: nn.Module, inp: dict) -> dict:
     return _with_hidden(inp, out[0] if isinstance(out, tuple) else out)
 
 
-def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) -> (n_valid, D + 1) float32, with a trailing column of ones for the bias.
+def _tokens(x: torch.Tensor, mask: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """(B, T, D) -> (n_valid, D) float32: the valid (unpadded) tokens. ``copy``: never a view
+    of ``x`` (for tokens kept beyond the pass that produced them).
 
     Per-batch products run in float32 (fast BLAS; float64 for a float64 model); the sums
-    over batches are float64.
+    over batches are float64. The bias column of ones is never formed: the products that
+    involve it are token sums and counts (:func:`_augmented`).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.reshape(-1, x.shape[-1])[mask.reshape(-1)].to(dtype)
-    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    flat, keep = x.reshape(-1, x.shape[-1]), mask.reshape(-1)
+    if not bool(keep.all()):
+        return flat[keep].to(dtype)
+    out = flat.to(dtype)
+    return out.clone() if copy and out.data_ptr() == x.data_ptr() else out
+
+
+def _augmented(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[t, 1]^T [x, 1]`` in float64 from tokens without their ones columns."""
+    out = t.new_empty(t.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64)
+    out[:-1, :-1] = t.T @ x
+    out[:-1, -1] = t.sum(0)
+    out[-1, :-1] = t.sum(0) if t is x else x.sum(0)
+    out[-1, -1] = x.shape[0]
+    return out
 
 
 def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan,
@@ -287,20 +302,19 @@ def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan,
                 _call(s_layer, inp)
             except _Stop:
                 pass
-            x = _tokens(box["x"], inp["mask"])  # (n, in + 1): the student's input
+            x = _tokens(box["x"], inp["mask"])  # (n, in): the student's input
             if roles[0] == "attn_out":  # teacher branch + residual gap
-                target = t["attn"] + t["x"] - _tokens(_hidden(inp), inp["mask"])[:, :-1]
+                target = t["attn"] + t["x"] - _tokens(_hidden(inp), inp["mask"])
             elif roles[0] == "ffn_out":
-                target = t["ffn"] + t["x2"] - _tokens(box["x2"], inp["mask"])[:, :-1]
+                target = t["ffn"] + t["x2"] - _tokens(box["x2"], inp["mask"])
             else:  # the teacher's matrix on the teacher's input
                 t_in = t["x" if roles[0] == "query" else "x2"]
-                t_in = torch.cat([t_in, t_in.new_ones(t_in.shape[0], 1)], dim=1)
             if branch:
                 for role in roles:
                     _accumulate(stats[role], x, target)
-            else:  # targets t_in @ a.T: two products per batch serve every role
-                gram, t_x = (x.T @ x).double(), (t_in.T @ x).double()
-                t_sum = t_in.sum(0).double()
+            else:  # targets [t_in, 1] @ a.T: two products per batch serve every role
+                gram, t_x = _augmented(x, x), _augmented(t_in, x)
+                t_sum = t_x[:, -1]  # [t_in, 1].sum(0)
                 for role in roles:
                     _accumulate_affine(stats[role], gram, t_x, t_sum, affine64[role],
                                        x.shape[0])
@@ -340,13 +354,22 @@ def _stat_tensors(stats: dict) -> list[torch.Tensor]:
 
 
 def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
-    """Add one batch to a role's statistics: inputs x (n, in + 1), targets (n, out)."""
-    st["n"] += x.shape[0]
-    st["tsum"] += target.sum(0).double()
+    """Add one batch to a role's statistics: inputs x (n, in), targets (n, out); the bias
+    column of ones enters as token sums and counts."""
+    n = x.shape[0]
+    t_sum = target.sum(0).double()
+    st["n"] += n
+    st["tsum"] += t_sum
     for blk in st["blocks"]:  # index_select: a column gather ~5x faster than x[:, cols]
-        xk = x.index_select(1, blk["cols"])  # (n, |K| + 1)
-        blk["c"] += (xk.T @ xk).double()
-        blk["cross"] += (target.index_select(1, blk["rows"]).T @ xk).double()
+        xk = x.index_select(1, blk["cols"][:-1])  # (n, |K|)
+        x_sum = xk.sum(0).double()
+        c, cross = blk["c"], blk["cross"]
+        c[:-1, :-1] += (xk.T @ xk).double()
+        c[:-1, -1] += x_sum
+        c[-1, :-1] += x_sum
+        c[-1, -1] += n
+        cross[:, :-1] += (target.index_select(1, blk["rows"]).T @ xk).double()
+        cross[:, -1] += t_sum[blk["rows"]]
 
 
 def _accumulate_affine(st: dict, gram: torch.Tensor, t_x: torch.Tensor, t_sum: torch.Tensor,

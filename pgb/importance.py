@@ -79,7 +79,8 @@ def _fisher_scores(model, names, batches, progress) -> dict[str, torch.Tensor]:
         for batch in tqdm(batches, desc="importance (fisher)", disable=not progress):
             grads = _batch_gradient(model, _to(batch, model), list(weights.values()))
             for (n, w), g in zip(weights.items(), grads, strict=True):
-                sums[n] += (w.detach() * g).double().pow(2)
+                wg = w.detach() * g  # squared and summed in float64, no float64 temporary
+                sums[n].addcmul_(wg, wg)
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)

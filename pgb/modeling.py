@@ -45,7 +45,8 @@ def resolve_model(name: str | None) -> str:
             raise ValueError(f"model folder {path} has no config.json; pass a Hugging Face "
                              "checkpoint folder (config.json + weights) or a pgb output folder")
         return str(path)
-    if name.startswith((".", "/", "~")) or _offline():
+    # a hub id is "name" or "namespace/name": more slashes can only mean a missing folder
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or _offline():
         raise ValueError(f"model {name!r} is not a local folder"
                          + (" and the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "")
                          + "; pass the path of a downloaded checkpoint folder")

@@ -108,14 +108,17 @@ def test_stream_targets_beat_local_targets_on_the_output():
 
 
 def test_affine_statistics_equal_the_direct_ones():
-    # Q, K, V and FFN-in targets are t_in @ a.T: their sums come from X^T X and t_in^T X
-    from pgb.compensate import _accumulate, _accumulate_affine
+    # Q, K, V and FFN-in targets are [t_in, 1] @ a.T: their sums come from the augmented
+    # products [x, 1]^T [x, 1] and [t_in, 1]^T [x, 1]; neither path forms the ones column
+    from pgb.compensate import _accumulate, _accumulate_affine, _augmented
 
     gen = torch.Generator().manual_seed(0)
     n, d_in, d_out = 57, 9, 13
-    x = torch.cat([torch.randn(n, d_in, generator=gen), torch.ones(n, 1)], 1).double()
-    t_in = torch.cat([torch.randn(n, d_in, generator=gen), torch.ones(n, 1)], 1).double()
+    x = torch.randn(n, d_in, generator=gen).double()
+    t_in = torch.randn(n, d_in, generator=gen).double()
     a = torch.randn(d_out, d_in + 1, generator=gen).double()
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    x1, t1 = torch.cat([x, ones], 1), torch.cat([t_in, ones], 1)
 
     def empty():
         blocks = [{"rows": torch.tensor(r), "cols": torch.tensor(c),
@@ -127,11 +130,18 @@ def test_affine_statistics_equal_the_direct_ones():
 
     direct, shared = empty(), empty()
     for _ in range(2):  # two batches
-        _accumulate(direct, x, t_in @ a.T)
-        _accumulate_affine(shared, x.T @ x, t_in.T @ x, t_in.sum(0), a, n)
+        _accumulate(direct, x, t1 @ a.T)
+        t_x = _augmented(t_in, x)
+        _accumulate_affine(shared, _augmented(x, x), t_x, t_x[:, -1], a, n)
+    torch.testing.assert_close(_augmented(x, x), x1.T @ x1)
+    torch.testing.assert_close(t_x, t1.T @ x1)
     torch.testing.assert_close(shared["tsum"], direct["tsum"])
     assert shared["n"] == direct["n"] == 2 * n
     for s, d in zip(shared["blocks"], direct["blocks"], strict=True):
+        # column 9 is the ones column: both hold 2 x the block's [x_K, 1]^T [x_K, 1]
+        k = s["cols"]
+        torch.testing.assert_close(d["c"], 2 * x1[:, k].T @ x1[:, k])
+        torch.testing.assert_close(d["cross"], 2 * (t1 @ a.T)[:, s["rows"]].T @ x1[:, k])
         torch.testing.assert_close(s["c"], d["c"])
         torch.testing.assert_close(s["cross"], d["cross"])
 

@@ -630,3 +630,14 @@ def test_grouping_search_is_deterministic():
     second = allocate(search_groupings(scores, model, cfg, progress=False), dims_of(model),
                       "bert", 0.6)
     assert json.dumps(first.to_json()) == json.dumps(second.to_json())
+
+
+@pytest.mark.parametrize("name", ["runs/teachers/none", "./none", "/no/such/folder"])
+def test_missing_model_folder_is_named_even_online(monkeypatch, tmp_path, name):
+    """A name that cannot be a hub id ("namespace/name" at most) fails as a missing folder,
+    not with the hub client's message about repo ids."""
+    from pgb.modeling import resolve_model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"model '{re.escape(name)}' is not a local folder;"):
+        resolve_model(name)
