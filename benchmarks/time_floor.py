@@ -177,10 +177,11 @@ def table(records: list[dict]) -> str:
         "teacher and masked student forwards of the same batches); *floor*: matrix-product "
         "FLOPs of the passes (plus the least-squares Gram and cross products for the "
         "compensation) divided by the float32 matmul rate measured in the same process "
-        "(GFLOP/s column).", "",
+        "(GFLOP/s column). The grouping search (its own column) is the third stage of "
+        "prune + compensate.", "",
         "| task | code | real tokens | importance: stage / bare / floor s | compensation: stage / "
-        "bare / floor s | both stages s | both floors s | GFLOP/s |",
-        "|---|---|---:|---|---|---:|---:|---:|"]
+        "bare / floor s | both stages s | both floors s | grouping s | GFLOP/s |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|"]
     for r in records:
         lines.append(
             f"| {r['task']} | {r.get('label') or (r.get('git_commit') or '')[:7]} | "
@@ -190,7 +191,7 @@ def table(records: list[dict]) -> str:
             f"{r['compensation_floor_seconds']:.1f} | "
             f"{r['importance_seconds'] + r['compensation_seconds']:.1f} | "
             f"{r['importance_floor_seconds'] + r['compensation_floor_seconds']:.1f} | "
-            f"{r['gemm_flops_per_second'] / 1e9:.0f} |")
+            f"{r['grouping_seconds']:.1f} | {r['gemm_flops_per_second'] / 1e9:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", help="a name for this run's rows (e.g. the code version)")
     p.add_argument("--append", action="store_true",
                    help="add the rows to those already in --out instead of replacing them")
+    p.add_argument("--md-only", action="store_true",
+                   help="only rewrite the markdown table from the rows in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.md_only:
+        out.with_suffix(".md").write_text(table(json.loads(out.read_text())))
+        return 0
     records = json.loads(out.read_text()) if args.append and out.exists() else []
     version = {"label": args.label, **code_version()}
     for task in args.tasks.split(","):
