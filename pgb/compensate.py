@@ -26,8 +26,9 @@ mean target: this is the bias-only compensation of dropped sublayers.
 Each layer is passed over five times (the statistics of Q/K/V, attention-out, FFN-in and
 FFN-out, then the refitted layer's output). A refitted matrix's inputs and weights do not
 change again within its layer, so its output is recorded in the pass after its refit and
-replayed in the passes after that (``_Replay``): the later passes only run what changed,
-and give the same tensors.
+replayed in the passes after that (``_Replay``); so are the attention core and the FFN
+activation once all they run is final. The later passes only run what changed, and give
+the same tensors.
 
 Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
 statistics of its shard and all-reduces them before solving, so every rank solves the same
