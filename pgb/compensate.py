@@ -26,9 +26,8 @@ mean target: this is the bias-only compensation of dropped sublayers.
 Each layer is passed over five times (the statistics of Q/K/V, attention-out, FFN-in and
 FFN-out, then the refitted layer's output). A refitted matrix's inputs and weights do not
 change again within its layer, so its output is recorded in the pass after its refit and
-replayed in the passes after that (``_Replay``); so are the attention core and the FFN
-activation once all they run is final. The later passes only run what changed, and give
-the same tensors.
+replayed in the passes after that (``_Replay``): the later passes only run what changed,
+and give the same tensors.
 
 Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
 statistics of its shard and all-reduces them before solving, so every rank solves the same
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import dims_of, get_arch, get_matrix, layer_module
+from .arch import dims_of, get_matrix, layer_module
 from .config import COMPENSATION_PRIORS as PRIORS
 from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
@@ -125,25 +124,10 @@ class _Replay(contextlib.AbstractContextManager):
     in the layer), so a pass always runs the recorded matrices before it stops. A recorded
     output that the model changes in place (its version counter moves) is dropped, and
     that matrix runs again in later passes.
-
-    Two modules around the matrices are replayed the same way once everything they run is
-    final: the attention core (``ArchSpec.attn_core``: Q/K/V and the attention itself, with
-    attention-out where the family keeps it inside) and the FFN activation
-    (``ArchSpec.ffn_act``, final with FFN-in), so the later passes skip the attention and
-    the activation as well.
     """
 
     def __init__(self, student: nn.Module, layer: int, inputs: list[dict]):
-        spec, base = get_arch(student), layer_module(student, layer)
-        modules = {CORE: base.get_submodule(spec.attn_core), ACT: base.get_submodule(spec.ffn_act)}
-        self.linears = lambda role: (modules[role] if role in modules
-                                     else get_matrix(student, layer, role))
-        # the role whose refit makes each module's output final, and the one giving its width
-        core_after = "attn_out" if spec.attn_out_in_core else "value"
-        self.derived = {core_after: (CORE, core_after), "ffn_in": (ACT, "ffn_in")}
-        # matrices that run only inside the core: never called once the core replays
-        self.inside_core = ("query", "key", "value") + (("attn_out",) if spec.attn_out_in_core
-                                                        else ())
+        self.linears = lambda role: get_matrix(student, layer, role)
         self.batches = len(inputs)
         self.tokens = sum(_hidden(i).shape[:-1].numel() for i in inputs)  # padded
         self.pending: list[str] = []
@@ -151,10 +135,8 @@ class _Replay(contextlib.AbstractContextManager):
         self.bytes = 0
 
     def refitted(self, roles: Iterable[str]) -> None:
-        roles = list(roles)
-        for role, width_of in [(r, r) for r in roles] + [self.derived[r] for r in roles
-                                                         if r in self.derived]:
-            w = self.linears(width_of).weight
+        for role in roles:
+            w = self.linears(role).weight
             size = self.tokens * w.shape[0] * w.element_size()
             if self.bytes + size <= REPLAY_BYTES:
                 self.pending.append(role)
@@ -178,28 +160,17 @@ class _Replay(contextlib.AbstractContextManager):
                 self.outputs[role] = outs
         self.pending = []
         for role, outs in list(self.outputs.items()):
-            if any(_first(t)._version != v for t, v in outs):  # changed in place
+            if any(t._version != v for t, v in outs):  # changed in place: not the output
                 del self.outputs[role]
-        if CORE in self.outputs:  # its matrices' recorded outputs will not be asked for
-            for role in self.inside_core:
-                self.outputs.pop(role, None)
         return False
 
     def _record(self, role: str):
-        return lambda _m, _args, out: self.recording[role].append((out, _first(out)._version))
+        return lambda _m, _args, out: self.recording[role].append((out, out._version))
 
     @staticmethod
     def _replayer(outs: list):
         it = iter(outs)
         return lambda *_args, **_kwargs: next(it)[0]
-
-
-CORE, ACT = "attn_core", "ffn_act"
-
-
-def _first(out) -> torch.Tensor:
-    """The tensor a module returned, or the first of its tuple (attention cores)."""
-    return out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
 
 
 def _teacher_layer(teacher: nn.Module, layer: int, inputs: list[dict]) -> tuple[list, list]:

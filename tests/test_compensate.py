@@ -8,7 +8,7 @@ from test_surgery import make_recipe
 from tiny import FAMILIES, tiny_batch, tiny_model
 
 from pgb import compensate as comp
-from pgb.arch import get_arch, get_matrix, layer_module
+from pgb.arch import get_matrix
 from pgb.compensate import apply_masks, compensate
 
 
@@ -205,18 +205,9 @@ def test_replayed_outputs_give_the_same_weights(family, monkeypatch):
         return linear_forward(self, x)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counted)
-    # the attention core and the FFN activation: calls that entered their own forward
-    spec, layer0 = get_arch(teacher), layer_module(teacher, 0)
-    for path in (spec.attn_core, spec.ffn_act):
-        cls = type(layer0.get_submodule(path))
-        monkeypatch.setattr(cls, "forward", _counting(cls.forward, runs))
-    # passes entering the core, from the Q/K/V statistics on: 2 (core final after Q/K/V)
-    # or 3 (attention-out inside it) before it replays, 5 when it never does
-    core_replayed = 3 if spec.attn_out_in_core else 2
     results = []
-    for budget, (q_runs, ffn_in_runs, core_runs, act_runs) in (
-            (comp.REPLAY_BYTES, (1, 1, core_replayed, 1)),
-            (3 * tokens * hidden * 4, (1, 2, 5, 2)), (0, (4, 2, 5, 2))):
+    for budget, (q_runs, ffn_in_runs) in ((comp.REPLAY_BYTES, (1, 1)),
+                                          (3 * tokens * hidden * 4, (1, 2)), (0, (4, 2))):
         monkeypatch.setattr(comp, "REPLAY_BYTES", budget)
         student = copy.deepcopy(teacher)
         apply_masks(student, recipe)
@@ -226,19 +217,9 @@ def test_replayed_outputs_give_the_same_weights(family, monkeypatch):
         # passes after Q's refit: attention-out, FFN-in, FFN-out statistics, layer output
         assert runs[get_matrix(student, 0, "query")] == q_runs * len(batches)
         assert runs[get_matrix(student, 0, "ffn_in")] == ffn_in_runs * len(batches)
-        s_layer0 = layer_module(student, 0)
-        assert runs[s_layer0.get_submodule(spec.attn_core)] == core_runs * len(batches)
-        assert runs[s_layer0.get_submodule(spec.ffn_act)] == act_runs * len(batches)
     for other in results[1:]:
         for name, w in results[0].items():
             assert torch.equal(w, other[name]), name
-
-
-def _counting(forward, runs: dict):
-    def counted(self, *args, **kwargs):
-        runs[self] = runs.get(self, 0) + 1
-        return forward(self, *args, **kwargs)
-    return counted
 
 
 def test_replay_returns_recorded_outputs_and_drops_those_changed_in_place():
@@ -248,10 +229,7 @@ def test_replay_returns_recorded_outputs_and_drops_those_changed_in_place():
     replay = comp._Replay(model, 0, [{"args": (x,), "kwargs": {}} for x in xs])
     replay.refitted(["value", "ffn_in"])
     ffn_in = get_matrix(model, 0, "ffn_in")
-    # value and ffn_in, and what they make final: BERT's attention core (its width is
-    # value's) and the FFN activation (ffn_in's)
-    assert replay.pending == ["value", "ffn_in", "attn_core", "ffn_act"]
-    assert replay.bytes == 3 * 2 * 5 * 2 * (value.out_features + ffn_in.out_features) * 4
+    assert replay.bytes == 3 * 2 * 5 * (value.out_features + ffn_in.out_features) * 4
     with replay:  # the pass after the refit records; ffn_in does not run in it
         recorded = [value(x) for x in xs]
     assert list(replay.outputs) == ["value"]
