@@ -264,9 +264,10 @@ def _tokens(x: torch.Tensor, mask: torch.Tensor, copy: bool = False) -> torch.Te
 def _augmented(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``[t, 1]^T [x, 1]`` in float64 from tokens without their ones columns."""
     out = t.new_empty(t.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64)
+    t_sum = t.sum(0)
     out[:-1, :-1] = t.T @ x
-    out[:-1, -1] = t.sum(0)
-    out[-1, :-1] = t.sum(0) if t is x else x.sum(0)
+    out[:-1, -1] = t_sum
+    out[-1, :-1] = t_sum if t is x else x.sum(0)
     out[-1, -1] = x.shape[0]
     return out
 
