@@ -37,6 +37,7 @@ from speed import cpu_model
 from pgb.arch import MATRICES, dims_of, get_matrix
 from pgb.compensate import apply_masks
 from pgb.config import CompressConfig
+from pgb.flops import dense_flops
 from pgb.modeling import load_task_model
 from pgb.pieces import each_piece
 from pgb.pipeline import compress
@@ -58,14 +59,6 @@ def gemm_rate(hidden: int, inter: int, tokens: int, repeats: int = 20) -> float:
             torch.mm(a, b)
             rates.append(2 * tokens * k * n / (time.perf_counter() - t0))
     return statistics.median(rates)
-
-
-def forward_flops(rows: int, width: int, layers: int, hidden: int, inter: int) -> float:
-    """Matmul FLOPs of one encoder forward over a (rows, width) padded batch."""
-    tokens = rows * width
-    linear = 2 * tokens * (4 * hidden * hidden + 2 * hidden * inter)
-    attention = 2 * 2 * rows * width * width * hidden  # scores and weighted values
-    return layers * (linear + attention)
 
 
 def _width(batch: dict) -> tuple[int, int]:
@@ -129,7 +122,7 @@ def measure(task_name: str, sparsity: float, data_dir: str) -> dict:
     by_length = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed,
                                  by_length=True)
     dims = dims_of(teacher)
-    layers, hidden, inter = dims.layers, dims.hidden, dims.intermediate
+    hidden, inter = dims.hidden, dims.intermediate
 
     result = compress(teacher, tok, task, cfg, data, evaluate_models=False, progress=False)
     stages = result.report["stage_seconds"]
@@ -141,9 +134,9 @@ def measure(task_name: str, sparsity: float, data_dir: str) -> dict:
     forwards_bare = bare_forwards([teacher, student], by_length)
 
     pieces = [_width(p) for b in calib for p, _, _ in each_piece(b)]
-    fisher_flops = 3 * sum(forward_flops(r, w, layers, hidden, inter) for r, w in pieces)
+    fisher_flops = 3 * sum(r * dense_flops(dims, w) for r, w in pieces)
     comp_tokens = sum(int(b["attention_mask"].sum()) for b in by_length)
-    comp_flops = 2 * sum(forward_flops(*_width(b), layers, hidden, inter) for b in by_length) \
+    comp_flops = 2 * sum(r * dense_flops(dims, w) for r, w in map(_width, by_length)) \
         + lstsq_flops(recipe, comp_tokens, hidden, inter)  # teacher + student, then solves
     piece_tokens = statistics.median(r * w for r, w in pieces)
     rate = gemm_rate(hidden, inter, int(piece_tokens))
