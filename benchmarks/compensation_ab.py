@@ -10,6 +10,8 @@ loads the teacher with its head seeded (a folder without a task head gets the sa
 head in every run), the task's calibration sample batched by length as ``pgb compress``
 does, and a ``recipe.json`` written by an earlier compress, runs ``compensate`` once with
 the default settings and reports its seconds and a SHA-256 of the compensated weights.
+Each version's weights from its first run are compared with the first version's
+(``max_abs_diff_vs_first``, ``max_rel_diff_vs_first``: for changes that move rounding).
 
 Usage:
     python benchmarks/compensation_ab.py --model runs/teachers/mrpc --task mrpc
@@ -65,19 +67,40 @@ def worker(args: argparse.Namespace) -> None:
     for name, t in student.state_dict().items():
         digest.update(name.encode())
         digest.update(t.detach().contiguous().numpy().tobytes())
+    if args.save:
+        torch.save(student.state_dict(), args.save)
     print(json.dumps({"seconds": seconds, "weights_sha256": digest.hexdigest(),
                       "pgb_file": pgb.__file__, "threads": torch.get_num_threads()}))
 
 
-def run_once(args: argparse.Namespace, code: str) -> dict:
+def run_once(args: argparse.Namespace, code: str, save: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(code).resolve()), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model",
            str(Path(args.model).resolve()), "--task", args.task, "--recipe",
            str(Path(args.recipe).resolve()), "--data-dir", str(Path(args.data_dir).resolve())]
+    cmd += ["--save", str(save)] if save else []
     with tempfile.TemporaryDirectory() as cwd:
         out = subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True,
                              text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def weight_differences(saved: dict[str, Path]) -> dict[str, dict]:
+    """Per version, how far its compensated weights are from the first version's: the
+    largest absolute difference, and the largest over tensors of |difference| / |first|
+    (Frobenius norms)."""
+    import torch
+
+    first = torch.load(next(iter(saved.values())))
+    out = {}
+    for label, path in saved.items():
+        other = torch.load(path)
+        diff = {k: (other[k].double() - w.double()) for k, w in first.items()}
+        out[label] = {
+            "max_abs_diff_vs_first": max(float(d.abs().max()) for d in diff.values()),
+            "max_rel_diff_vs_first": max(float(d.norm() / first[k].double().norm().clamp_min(1e-30))
+                                         for k, d in diff.items())}
+    return out
 
 
 def commit_of(code: str) -> str | None:
@@ -96,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compensation_ab.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -104,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(codes) < 2:
         p.error("give at least two --code LABEL=PATH")
     runs = {label: [] for label in codes}
-    for rep in range(args.reps):  # interleaved: a slow spell of the machine hits both
-        for label, code in codes.items():
-            runs[label].append(run_once(args, code))
-            print(json.dumps({"rep": rep, "label": label, **runs[label][-1]}), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = {label: Path(tmp) / f"{i}.pt" for i, label in enumerate(codes)}
+        for rep in range(args.reps):  # interleaved: a slow spell of the machine hits both
+            for label, code in codes.items():
+                runs[label].append(run_once(args, code, saved[label] if rep == 0 else None))
+                print(json.dumps({"rep": rep, "label": label, **runs[label][-1]}), flush=True)
+        diffs = weight_differences(saved)
     digests = {r["weights_sha256"] for rs in runs.values() for r in rs}
     result = {
         "task": args.task, "model": args.model, "recipe": args.recipe,
@@ -119,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                       "pgb_file": runs[label][0]["pgb_file"],
                       "seconds": [r["seconds"] for r in runs[label]],
                       "median_seconds": statistics.median(r["seconds"] for r in runs[label]),
-                      "weights_sha256": sorted({r["weights_sha256"] for r in runs[label]})}
+                      "weights_sha256": sorted({r["weights_sha256"] for r in runs[label]}),
+                      **diffs[label]}
                      for label, code in codes.items()],
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

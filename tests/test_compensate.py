@@ -108,9 +108,10 @@ def test_stream_targets_beat_local_targets_on_the_output():
 
 
 def test_affine_statistics_equal_the_direct_ones():
-    # Q, K, V and FFN-in targets are [t_in, 1] @ a.T: their sums come from the augmented
-    # products [x, 1]^T [x, 1] and [t_in, 1]^T [x, 1]; neither path forms the ones column
-    from pgb.compensate import _accumulate, _accumulate_affine, _augmented
+    # Q, K, V and FFN-in targets are [t_in, 1] @ a.T: their statistics come from sums over
+    # the batches (t_in^T x, token sums, x_K^T x_K per distinct K), filled in once at the
+    # end; neither path forms the ones column or the targets
+    from pgb.compensate import _accumulate, _AffineSums
 
     gen = torch.Generator().manual_seed(0)
     n, d_in, d_out = 57, 9, 13
@@ -120,30 +121,44 @@ def test_affine_statistics_equal_the_direct_ones():
     ones = torch.ones(n, 1, dtype=torch.float64)
     x1, t1 = torch.cat([x, ones], 1), torch.cat([t_in, ones], 1)
 
-    def empty():
+    def empty(blocks):  # column 9 is the ones column
         blocks = [{"rows": torch.tensor(r), "cols": torch.tensor(c),
                    "c": torch.zeros(len(c), len(c), dtype=torch.float64),
                    "cross": torch.zeros(len(r), len(c), dtype=torch.float64)}
-                  for r, c in (([0, 5, 7], [2, 4, 9]), ([1, 12], [0, 1, 3, 9]))]
+                  for r, c in blocks]
         return {"blocks": blocks, "tsum": torch.zeros(d_out, dtype=torch.float64),
                 "n": torch.zeros((), dtype=torch.float64)}
 
-    direct, shared = empty(), empty()
+    layouts = [(([0, 5, 7], [2, 4, 9]), ([1, 12], [0, 1, 3, 9])),  # two roles share K's
+               (([0, 5, 7], [2, 4, 9]), ([1, 12], [0, 1, 3, 9])),
+               (([3, 4], list(range(10))),)]  # all inputs: no gather
+    direct = [empty(lay) for lay in layouts]
+    shared = [empty(lay) for lay in layouts]
+    sums = _AffineSums(shared)
+    assert len(sums.grams) == 3  # one x_K^T x_K per distinct K
     for _ in range(2):  # two batches
-        _accumulate(direct, x, t1 @ a.T)
-        t_x = _augmented(t_in, x)
-        _accumulate_affine(shared, _augmented(x, x), t_x, t_x[:, -1], a, n)
-    torch.testing.assert_close(_augmented(x, x), x1.T @ x1)
-    torch.testing.assert_close(t_x, t1.T @ x1)
-    torch.testing.assert_close(shared["tsum"], direct["tsum"])
-    assert shared["n"] == direct["n"] == 2 * n
-    for s, d in zip(shared["blocks"], direct["blocks"], strict=True):
-        # column 9 is the ones column: both hold 2 x the block's [x_K, 1]^T [x_K, 1]
-        k = s["cols"]
-        torch.testing.assert_close(d["c"], 2 * x1[:, k].T @ x1[:, k])
-        torch.testing.assert_close(d["cross"], 2 * (t1 @ a.T)[:, s["rows"]].T @ x1[:, k])
-        torch.testing.assert_close(s["c"], d["c"])
-        torch.testing.assert_close(s["cross"], d["cross"])
+        for st in direct:
+            _accumulate(st, x, t1 @ a.T)
+        sums.add(x, t_in)
+    for st in shared:
+        sums.fill(st, a)
+    for s_st, d_st in zip(shared, direct, strict=True):
+        torch.testing.assert_close(s_st["tsum"], d_st["tsum"])
+        assert s_st["n"] == d_st["n"] == 2 * n
+        for s, d in zip(s_st["blocks"], d_st["blocks"], strict=True):
+            k = s["cols"]  # both hold 2 x the block's [x_K, 1]^T [x_K, 1]
+            torch.testing.assert_close(d["c"], 2 * x1[:, k].T @ x1[:, k])
+            torch.testing.assert_close(d["cross"], 2 * (t1 @ a.T)[:, s["rows"]].T @ x1[:, k])
+            torch.testing.assert_close(s["c"], d["c"])
+            torch.testing.assert_close(s["cross"], d["cross"])
+
+
+@pytest.mark.parametrize("d", [7, 300, 777])
+def test_gram_from_strips_is_the_symmetric_product(d):
+    from pgb.compensate import _gram
+
+    x = torch.randn(131, d, generator=torch.Generator().manual_seed(d))
+    torch.testing.assert_close(_gram(x).double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-3)
 
 
 def test_teacher_prior_interpolates_between_least_squares_and_no_compensation():
