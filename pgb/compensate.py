@@ -49,6 +49,7 @@ from .config import COMPENSATION_PRIORS as PRIORS
 from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
 from .recipe import Recipe, SublayerPlan
+from .trace import TeacherTrace, example_keys
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ def apply_masks(model: nn.Module, recipe: Recipe) -> None:
 @torch.no_grad()
 def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: Iterable[dict],
                damping: float = 0.01, progress: bool = True, target: str = "stream",
-               prior: str = "zero") -> None:
-    """Refit the masked ``student`` in place so its sublayers match ``teacher`` (see module doc)."""
+               prior: str = "zero", trace: TeacherTrace | None = None) -> None:
+    """Refit the masked ``student`` in place so its sublayers match ``teacher`` (see module doc).
+
+    ``trace``: the teacher's activations recorded on the same sample (:mod:`pgb.trace`);
+    where it covers every batch, the teacher is not run again (stream targets only)."""
     if target not in TARGETS:
         raise ValueError(f"compensation target must be one of {TARGETS}, got {target!r}")
     if prior not in PRIORS:
@@ -85,12 +89,20 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
     try:
         s_inputs = _layer0_inputs(student, shard(batches))  # this rank's share
         t_inputs = s_inputs  # embeddings are not pruned: both streams start equal
+        keys = [i["keys"] for i in s_inputs]
+        traced = trace is not None and target == "stream" and trace.covers(keys)
+        if trace is not None and not traced:
+            log.info("compensation runs the teacher: the recorded trace does not cover "
+                     "the calibration batches")
         steps = [(layer, *s) for layer in range(dims_of(student).layers) for s in STEPS]
         ref = None
         for layer, kind, roles, branch in tqdm(steps, desc="compensation", disable=not progress):
             if ref is None:  # first step of a layer: the teacher's activations and targets
-                ref, t_next = _teacher_layer(teacher, layer, t_inputs if target == "stream"
-                                             else s_inputs)
+                if traced:
+                    ref, t_next = trace.refs(layer, keys), None
+                else:
+                    ref, t_next = _teacher_layer(teacher, layer, t_inputs if target == "stream"
+                                                 else s_inputs)
                 replay = _Replay(student, layer, s_inputs)
             plan = recipe.plan(layer, kind)
             with replay:
@@ -222,7 +234,7 @@ def _layer0_inputs(model: nn.Module, batches: Iterable[dict]) -> list[dict]:
             mask = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
             valid = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
             out.append({"args": box["args"], "kwargs": box["kwargs"], "mask": mask,
-                        "valid": valid})
+                        "valid": valid, "keys": example_keys(batch)})
     finally:
         handle.remove()
     return out

@@ -14,6 +14,7 @@ scores of the whole sample.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from .arch import MATRICES, dims_of, get_matrix
 from .distributed import all_reduce_sum, shard
 from .pieces import each_piece
+from .trace import TeacherTrace
 
 log = logging.getLogger(__name__)
 METHODS = ("fisher", "magnitude", "activation")
@@ -40,18 +42,27 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
 
 
 def importance_scores(model: nn.Module, batches: Iterable[dict], method: str = "fisher",
-                      progress: bool = True) -> dict[str, torch.Tensor]:
-    """Importance of every weight of every encoder matrix (see module docstring)."""
+                      progress: bool = True, trace: TeacherTrace | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Importance of every weight of every encoder matrix (see module docstring).
+
+    ``trace`` (a :class:`pgb.trace.TeacherTrace` of ``model``): record the activations
+    compensation needs during the passes over ``batches`` (fisher and activation; within
+    the trace's memory budget), so that compensation need not run the teacher again."""
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; choose one of {METHODS}")
     names = matrix_names(model)
     batches = shard(batches)  # this rank's share; the sums below are all-reduced
+    record = trace.recording() if trace is not None and method != "magnitude" and \
+        trace.fits(list(batches)) else contextlib.nullcontext()
     if method == "magnitude":
         scores = {n: _linear(model, n).weight.detach().abs().double().cpu() for n in names}
     elif method == "activation":
-        scores = _activation_scores(model, names, batches, progress)
+        with record:
+            scores = _activation_scores(model, names, batches, progress)
     else:
-        scores = _fisher_scores(model, names, batches, progress)
+        with record:
+            scores = _fisher_scores(model, names, batches, progress)
     check_finite(scores, "importance scores")
     return scores
 

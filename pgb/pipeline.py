@@ -28,7 +28,7 @@ from .arch import SUBLAYERS, dims_of, get_arch
 from .checkpoint import round_embeddings
 from .compensate import apply_masks, compensate
 from .config import CompressConfig
-from .distributed import from_main, is_main
+from .distributed import from_main, is_main, world
 from .evaluation import evaluate
 from .finetune import train
 from .flops import count_params, flops_ratio, plan_flops_ratio, sparsity_for_flops
@@ -38,6 +38,7 @@ from .latency import sparsity_for_speedup
 from .surgery import to_compact
 from .taskdata import TaskData
 from .tasks import Task
+from .trace import TeacherTrace
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,9 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
     clock = _Clock(seconds)
     # every rank holds the whole sample; importance and compensation each take their shard
     calib = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
-    with clock("importance"):
-        scores = shared_stage(shared, "scores", lambda: _scores(teacher, calib, cfg, progress))
+    with clock("importance"):  # (and the teacher's activations compensation needs)
+        scores, trace = shared_stage(shared, "scores",
+                                     lambda: _scores(teacher, calib, cfg, progress))
     with clock("grouping"):
         searches = shared_stage(shared, "searches", dict)
         groupings = search_groupings(scores, teacher, cfg, progress, cache=searches)
@@ -162,7 +164,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
             by_length = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed,
                                          by_length=True)
             compensate(student, teacher, recipe, by_length, cfg.damping, progress,
-                       cfg.compensation_target, cfg.compensation_prior)
+                       cfg.compensation_target, cfg.compensation_prior, trace)
     to_compact(student, recipe)
     before = dev_metrics(student, task, tokenizer, data, progress) \
         if evaluate_models and cfg.refinetune else None
@@ -257,11 +259,16 @@ def budget_sparsity(cfg: CompressConfig, plan_at, build, teacher: nn.Module
 
 
 def _scores(teacher: nn.Module, calib: list[dict], cfg: CompressConfig, progress: bool
-            ) -> dict[str, torch.Tensor]:
-    scores = importance_scores(teacher, calib, cfg.importance, progress)
+            ) -> tuple[dict[str, torch.Tensor], TeacherTrace | None]:
+    """Importance scores and, where compensation will use it, the teacher's trace recorded
+    in the same passes (single process: under torch.distributed the importance and
+    compensation shards hold different examples)."""
+    trace = TeacherTrace(teacher) if cfg.compensate and world() == 1 and \
+        cfg.compensation_target == "stream" else None
+    scores = importance_scores(teacher, calib, cfg.importance, progress, trace)
     if cfg.normalize == "mean":
         scores = {n: s / s.mean().clamp_min(1e-30) for n, s in scores.items()}
-    return scores
+    return scores, trace
 
 
 def dev_metrics(model: nn.Module, task: Task, tokenizer, data: TaskData,

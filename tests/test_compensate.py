@@ -260,3 +260,88 @@ def test_replay_returns_recorded_outputs_and_drops_those_changed_in_place():
     assert not replay.outputs
     with replay:
         assert torch.equal(value(xs[0]), value.bias.expand(2, 5, -1))
+
+
+def ragged(n_batches=3, rows=6, length=14, seed=0):
+    """Right-padded batches of random lengths, with labels (Fisher passes need them)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        lengths = torch.randint(3, length + 1, (rows,), generator=g)
+        lengths[0] = length
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        ids = torch.randint(5, 60, (rows, length), generator=g) * mask + (1 - mask)
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": torch.randint(0, 3, (rows,), generator=g)})
+    return out
+
+
+def by_length(batches, size):
+    """The same examples sorted by length and re-batched, each batch cut to its longest."""
+    rows = [(int(m.sum()), ids, m, y) for b in batches
+            for ids, m, y in zip(b["input_ids"], b["attention_mask"], b["labels"], strict=True)]
+    rows.sort(key=lambda r: r[0])
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i:i + size]
+        width = max(r[0] for r in chunk)
+        out.append({"input_ids": torch.stack([r[1][:width] for r in chunk]),
+                    "attention_mask": torch.stack([r[2][:width] for r in chunk]),
+                    "labels": torch.stack([r[3] for r in chunk])})
+    return out
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_trace_of_the_fisher_pass_replaces_the_teacher_pass(family, monkeypatch):
+    """Compensation from the teacher's activations recorded in the Fisher pass (other
+    batches, cut into pieces) gives the weights of running the teacher itself, without
+    running it; a trace that misses examples makes compensation run the teacher."""
+    from pgb import pieces as pieces_mod
+    from pgb.importance import importance_scores
+    from pgb.trace import TeacherTrace
+
+    monkeypatch.setattr(pieces_mod, "PASS_TOKENS", 0)  # Fisher batches run as pieces
+    teacher = tiny_model(family).double()
+    recipe = make_recipe(teacher, 0.6, weak=("1.attn",))
+    fisher_batches = ragged()
+    trace = TeacherTrace(teacher)
+    importance_scores(teacher, fisher_batches, "fisher", progress=False, trace=trace)
+    partial = TeacherTrace(teacher)
+    importance_scores(teacher, fisher_batches[:2], "fisher", progress=False, trace=partial)
+    comp_batches = by_length(fisher_batches, 5)
+    calls = []
+    t_ffn_out = get_matrix(teacher, 1, "ffn_out")  # (the students' copies carry the hook)
+    hook = t_ffn_out.register_forward_hook(lambda m, *_: calls.append(m is t_ffn_out))
+    weights = {}
+    for name, tr in (("plain", None), ("traced", trace), ("partial", partial)):
+        student = copy.deepcopy(teacher)
+        apply_masks(student, recipe)
+        calls.clear()
+        compensate(student, teacher, recipe, comp_batches, progress=False, trace=tr)
+        weights[name] = (student.state_dict(), sum(calls))
+    hook.remove()
+    (plain, plain_calls), (traced, traced_calls), (part, part_calls) = weights.values()
+    assert plain_calls == part_calls == len(comp_batches) and traced_calls == 0
+    for name, w in plain.items():
+        torch.testing.assert_close(traced[name], w, rtol=1e-9, atol=1e-11)
+        assert torch.equal(part[name], w), name
+
+
+def test_trace_skips_left_padding_and_samples_over_its_budget(monkeypatch):
+    from pgb import trace as trace_mod
+    from pgb.importance import importance_scores
+
+    left = {"input_ids": torch.tensor([[1, 7, 8], [6, 7, 8]]),
+            "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
+    assert trace_mod.example_keys(left) is None
+    right = {"input_ids": torch.tensor([[7, 8, 1], [7, 8, 9]]),
+             "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+             "token_type_ids": torch.tensor([[0, 1, 0], [0, 1, 1]])}
+    keys = trace_mod.example_keys(right)
+    assert len(set(keys)) == 2 and keys[0] == trace_mod.example_keys(
+        {k: v[:1, :2] for k, v in right.items()})[0]  # padding is not part of the key
+    teacher = tiny_model("bert")
+    monkeypatch.setattr(trace_mod, "TRACE_BYTES", 0)
+    tr = trace_mod.TeacherTrace(teacher)
+    importance_scores(teacher, ragged(1), "fisher", progress=False, trace=tr)
+    assert not any(tr.store)
