@@ -13,6 +13,7 @@ git commit.
 
 Usage: python benchmarks/compress_time.py [--tasks sst2,mrpc,stsb,cola] [--sparsities 0.5,0.875]
     [--methods pgb,structured,magnitude] [--keep runs/compress_time] [--label L --append]
+    [--note TEXT] [--render]
 """
 
 from __future__ import annotations
@@ -82,16 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", help="a name for this run's rows (e.g. the code version)")
     p.add_argument("--append", action="store_true",
                    help="add the rows to those already in --out instead of replacing them")
+    p.add_argument("--note", help="how these rows were made (e.g. the teachers), kept with "
+                                  "each row and listed under the table")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: write --out's table again (--note goes to the "
+                        "rows without one)")
     args = p.parse_args(argv)
     keep = Path(args.keep) if args.keep else None
     out = Path(args.out)
-    records = json.loads(out.read_text()) if args.append and out.exists() else []
+    records = json.loads(out.read_text()) if (args.append or args.render) and out.exists() \
+        else []
     version = {"label": args.label, **code_version()}
-    for task in args.tasks.split(","):
+    if args.render:
+        for r in records:
+            r.setdefault("note", args.note)
+    for task in [] if args.render else args.tasks.split(","):
         for s in (float(v) for v in args.sparsities.split(",")):
             for method in args.methods.split(","):
                 records.append({**measure(task, s, method, Path(args.teachers),
-                                          args.data_dir, keep), **version})
+                                          args.data_dir, keep), **version, "note": args.note})
                 print(json.dumps({k: records[-1][k] for k in (
                     "task", "sparsity", "method", "prune_compensate_seconds",
                     "command_wall_seconds", "metrics")}), flush=True)
@@ -109,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         code = r.get("label") or (r.get("git_commit") or "")[:7]
         lines.append(f"| {r['task']} | {r['sparsity']} | {r['method']} | {code} | {stages} | "
                      f"{r['prune_compensate_seconds']:.1f} | {r['command_wall_seconds']:.0f} |")
+    notes = list(dict.fromkeys(r["note"] for r in records if r.get("note")))
+    lines += [""] + [f"Note: {n}" for n in notes] if notes else []
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
