@@ -21,15 +21,29 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import os
 
 import torch
 from torch import nn
 
 from .arch import dims_of, get_matrix
 
-# The most bytes a trace holds (4 tensors of hidden floats per valid token and layer);
-# a sample needing more is not recorded (MiniLM-L6 on 1,024 MRPC pairs: about 2 GB).
+log = logging.getLogger(__name__)
+
+# The most bytes a trace holds (4 tensors of hidden floats per valid token and layer),
+# and at most this share of the memory available when recording starts; a sample needing
+# more is not recorded (MiniLM-L6 on 1,024 MRPC pairs: about 2 GB).
 TRACE_BYTES = 4 * 2**30
+TRACE_SHARE = 0.25
+
+
+def available_bytes() -> int | None:
+    """Physical memory available now (Linux), or None where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 KEYS = ("x", "attn", "x2", "ffn")
 
 
@@ -63,10 +77,17 @@ class TeacherTrace:
         self.store: list[dict[bytes, dict[str, torch.Tensor]]] = [{} for _ in range(self.layers)]
 
     def fits(self, batches: list[dict]) -> bool:
-        """Whether recording ``batches`` stays within ``TRACE_BYTES``."""
+        """Whether recording ``batches`` stays within ``TRACE_BYTES`` and ``TRACE_SHARE`` of
+        the available memory."""
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                      else b["input_ids"].numel() for b in batches)
-        return 4 * self.layers * self.hidden * 4 * tokens <= TRACE_BYTES
+        need = len(KEYS) * self.layers * self.hidden * 4 * tokens
+        free = available_bytes()
+        ok = need <= TRACE_BYTES and (free is None or need <= TRACE_SHARE * free)
+        if not ok:
+            log.info("the teacher's activations (%.1f GB) are not kept for compensation: "
+                     "over the trace's budget; compensation runs the teacher", need / 1e9)
+        return ok
 
     @contextlib.contextmanager
     def recording(self):

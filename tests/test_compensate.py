@@ -341,7 +341,12 @@ def test_trace_skips_left_padding_and_samples_over_its_budget(monkeypatch):
     assert len(set(keys)) == 2 and keys[0] == trace_mod.example_keys(
         {k: v[:1, :2] for k, v in right.items()})[0]  # padding is not part of the key
     teacher = tiny_model("bert")
-    monkeypatch.setattr(trace_mod, "TRACE_BYTES", 0)
     tr = trace_mod.TeacherTrace(teacher)
     importance_scores(teacher, ragged(1), "fisher", progress=False, trace=tr)
-    assert not any(tr.store)
+    assert all(len(layer) == 6 for layer in tr.store)  # six distinct examples
+    for name, value in (("TRACE_BYTES", 0), ("available_bytes", lambda: 1000)):
+        with monkeypatch.context() as m:  # over the fixed budget, or the free memory's share
+            m.setattr(trace_mod, name, value)
+            tr = trace_mod.TeacherTrace(teacher)
+            importance_scores(teacher, ragged(1), "fisher", progress=False, trace=tr)
+            assert not any(tr.store)
