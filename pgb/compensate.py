@@ -94,12 +94,13 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
         if trace is not None and not traced:
             log.info("compensation runs the teacher: the recorded trace does not cover "
                      "the calibration batches")
+        replayed = trace.replay(keys) if traced else None  # per layer, in order
         steps = [(layer, *s) for layer in range(dims_of(student).layers) for s in STEPS]
         ref = None
         for layer, kind, roles, branch in tqdm(steps, desc="compensation", disable=not progress):
             if ref is None:  # first step of a layer: the teacher's activations and targets
                 if traced:
-                    ref, t_next = trace.refs(layer, keys), None
+                    ref, t_next = next(replayed), None
                 else:
                     ref, t_next = _teacher_layer(teacher, layer, t_inputs if target == "stream"
                                                  else s_inputs)

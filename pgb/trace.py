@@ -7,8 +7,11 @@ output ``attn`` (the output of attention-out), the FFN input ``x2`` (the input o
 and the FFN branch output ``ffn`` (the output of FFN-out). The Fisher pass of the same
 teacher on the same sample computes all of them in its forward passes (eval mode, no
 dropout), batched otherwise (seeded random batches cut into length-sorted pieces,
-instead of batches by length). :class:`TeacherTrace` hooks them there, per example, and
-hands them back per compensation batch in its token order.
+instead of batches by length). :class:`TeacherTrace` hooks the two branch outputs of
+every layer and the input of the first there, per example; the rest follows from them
+as in the post-LayerNorm layer, ``x2 = LN_attn(x + attn)`` and the next layer's
+``x = LN_ffn(x2 + ffn)`` (the teacher's own LayerNorms), and :meth:`TeacherTrace.replay`
+hands all four back per layer and compensation batch, in its token order.
 
 Examples are matched by content (their valid input ids and token types): a right-padded
 example's activations do not depend on its batch, so equal inputs have equal activations
@@ -27,13 +30,13 @@ import os
 import torch
 from torch import nn
 
-from .arch import dims_of, get_matrix
+from .arch import dims_of, get_arch, get_matrix, layer_module
 
 log = logging.getLogger(__name__)
 
-# The most bytes a trace holds (4 tensors of hidden floats per valid token and layer),
+# The most bytes a trace holds (2 tensors of hidden floats per valid token and layer),
 # and at most this share of the memory available when recording starts; a sample needing
-# more is not recorded (MiniLM-L6 on 1,024 MRPC pairs: about 2 GB).
+# more is not recorded (MiniLM-L6 on 1,024 MRPC pairs: about 1 GB).
 TRACE_BYTES = 4 * 2**30
 TRACE_SHARE = 0.25
 
@@ -44,7 +47,8 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-KEYS = ("x", "attn", "x2", "ffn")
+KEYS = ("x", "attn", "x2", "ffn")  # what compensation takes per layer
+RECORDED = ("attn", "ffn")  # per layer, and "x" of layer 0
 
 
 def example_keys(batch: dict) -> list[bytes] | None:
@@ -68,7 +72,8 @@ def example_keys(batch: dict) -> list[bytes] | None:
 
 
 class TeacherTrace:
-    """Per layer and example (by content key), the teacher's valid tokens of ``KEYS``."""
+    """Per layer and example (by content key), the teacher's valid tokens of ``RECORDED``
+    (and of ``x`` in layer 0)."""
 
     def __init__(self, teacher: nn.Module):
         self.teacher = teacher
@@ -81,7 +86,7 @@ class TeacherTrace:
         the available memory."""
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                      else b["input_ids"].numel() for b in batches)
-        need = len(KEYS) * self.layers * self.hidden * 4 * tokens
+        need = (len(RECORDED) * self.layers + 1) * self.hidden * 4 * tokens
         free = available_bytes()
         ok = need <= TRACE_BYTES and (free is None or need <= TRACE_SHARE * free)
         if not ok:
@@ -127,11 +132,10 @@ class TeacherTrace:
 
         t = self.teacher
         handles = [t.register_forward_pre_hook(start, with_kwargs=True)]
+        handles.append(get_matrix(t, 0, "query").register_forward_pre_hook(pre(keep(0, "x"))))
         for layer in range(self.layers):
             handles += [
-                get_matrix(t, layer, "query").register_forward_pre_hook(pre(keep(layer, "x"))),
                 get_matrix(t, layer, "attn_out").register_forward_hook(post(keep(layer, "attn"))),
-                get_matrix(t, layer, "ffn_in").register_forward_pre_hook(pre(keep(layer, "x2"))),
                 get_matrix(t, layer, "ffn_out").register_forward_hook(post(keep(layer, "ffn")))]
         try:
             yield self
@@ -141,12 +145,34 @@ class TeacherTrace:
 
     def covers(self, keys_per_batch: list[list[bytes] | None]) -> bool:
         """Whether every row of these batches (their keys) was recorded in every layer."""
-        return all(keys is not None and all(len(store.get(k, ())) == len(KEYS) for k in keys)
-                   for keys in keys_per_batch for store in self.store)
+        def has(layer: int, k: bytes) -> bool:
+            names = self.store[layer].get(k, {})
+            return all(n in names for n in RECORDED) and (layer > 0 or "x" in names)
+        return all(keys is not None and all(has(layer, k) for k in keys)
+                   for keys in keys_per_batch for layer in range(self.layers))
 
-    def refs(self, layer: int, keys_per_batch: list[list[bytes]]) -> list[dict]:
-        """Per batch (its rows' keys), the layer's ``KEYS`` tensors of its valid tokens in
-        row order, (n_valid, hidden) each (what ``compensate._teacher_layer`` gives)."""
-        store = self.store[layer]
-        return [{name: torch.cat([store[k][name] for k in keys]) for name in KEYS}
-                for keys in keys_per_batch]
+    def replay(self, keys_per_batch: list[list[bytes]]):
+        """Per layer, in order: per batch (its rows' keys), the layer's ``KEYS`` tensors of
+        its valid tokens in row order, (n_valid, hidden) each (what
+        ``compensate._teacher_layer`` gives)."""
+        spec = get_arch(self.teacher)
+
+        def rows(layer: int, name: str, keys: list[bytes]) -> torch.Tensor:
+            return torch.cat([self.store[layer][k][name] for k in keys])
+
+        def norm(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            dtype = module.weight.dtype  # as the layer runs it, back in the stored dtype
+            return module(a.to(dtype) + b.to(dtype)).to(a.dtype)
+
+        xs = [rows(0, "x", keys) for keys in keys_per_batch]
+        for layer in range(self.layers):
+            block = layer_module(self.teacher, layer)
+            attn_norm, ffn_norm = (block.get_submodule(spec.attn_norm),
+                                   block.get_submodule(spec.ffn_norm))
+            refs = []
+            for i, keys in enumerate(keys_per_batch):
+                attn, ffn = rows(layer, "attn", keys), rows(layer, "ffn", keys)
+                x2 = norm(attn_norm, xs[i], attn)
+                refs.append({"x": xs[i], "attn": attn, "x2": x2, "ffn": ffn})
+                xs[i] = norm(ffn_norm, x2, ffn)
+            yield refs

@@ -291,7 +291,7 @@ def by_length(batches, size):
     return out
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_trace_of_the_fisher_pass_replaces_the_teacher_pass(family, monkeypatch):
     """Compensation from the teacher's activations recorded in the Fisher pass (other
     batches, cut into pieces) gives the weights of running the teacher itself, without
