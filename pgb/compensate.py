@@ -87,7 +87,8 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
     student.eval()
     teacher.eval()
     try:
-        s_inputs = _layer0_inputs(student, shard(batches))  # this rank's share
+        s_inputs = _layer0_inputs(student, shard(batches),  # this rank's share
+                                  keys=trace is not None)
         t_inputs = s_inputs  # embeddings are not pruned: both streams start equal
         keys = [i["keys"] for i in s_inputs]
         traced = trace is not None and target == "stream" and trace.covers(keys)
@@ -130,7 +131,7 @@ REPLAY_BYTES = 2 * 2**30
 class _Replay(contextlib.AbstractContextManager):
     """The outputs of one layer's refitted student matrices, replayed in its later passes.
 
-    ``refitted(roles, plan)`` marks matrices whose weights are final; during the next pass
+    ``refitted(roles)`` marks matrices whose weights are final; during the next pass
     (``with replay: ...``, one call of the layer per calibration batch, in order) their
     outputs are recorded, and every pass after that returns them instead of running the
     matrix. Q, K and V are refitted first, then attention-out, FFN-in, FFN-out (their order
@@ -214,8 +215,9 @@ def _teacher_layer(teacher: nn.Module, layer: int, inputs: list[dict]) -> tuple[
     return refs, nxt
 
 
-def _layer0_inputs(model: nn.Module, batches: Iterable[dict]) -> list[dict]:
-    """(args, kwargs, token mask) entering encoder layer 0, one per calibration batch."""
+def _layer0_inputs(model: nn.Module, batches: Iterable[dict], keys: bool = False) -> list[dict]:
+    """(args, kwargs, token mask, valid token positions) entering encoder layer 0, one per
+    calibration batch; with ``keys``, also the rows' content keys (:func:`example_keys`)."""
     box = {}
 
     def grab(_module, args, kwargs):
@@ -235,7 +237,7 @@ def _layer0_inputs(model: nn.Module, batches: Iterable[dict]) -> list[dict]:
             mask = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
             valid = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
             out.append({"args": box["args"], "kwargs": box["kwargs"], "mask": mask,
-                        "valid": valid, "keys": example_keys(batch)})
+                        "valid": valid, "keys": example_keys(batch) if keys else None})
     finally:
         handle.remove()
     return out

@@ -165,7 +165,7 @@ def compress(teacher: nn.Module, tokenizer, task: Task, cfg: CompressConfig, dat
                                          by_length=True)
             compensate(student, teacher, recipe, by_length, cfg.damping, progress,
                        cfg.compensation_target, cfg.compensation_prior, trace)
-    del trace  # ~2 GB on MRPC: not held through re-finetuning (a sweep's ``shared`` keeps it)
+    del trace  # ~1 GB on MRPC: not held through re-finetuning (a sweep's ``shared`` keeps it)
     to_compact(student, recipe)
     before = dev_metrics(student, task, tokenizer, data, progress) \
         if evaluate_models and cfg.refinetune else None

@@ -47,7 +47,6 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-KEYS = ("x", "attn", "x2", "ffn")  # what compensation takes per layer
 RECORDED = ("attn", "ffn")  # per layer, and "x" of layer 0
 
 
@@ -152,9 +151,9 @@ class TeacherTrace:
                    for keys in keys_per_batch for layer in range(self.layers))
 
     def replay(self, keys_per_batch: list[list[bytes]]):
-        """Per layer, in order: per batch (its rows' keys), the layer's ``KEYS`` tensors of
-        its valid tokens in row order, (n_valid, hidden) each (what
-        ``compensate._teacher_layer`` gives)."""
+        """Per layer, in order: per batch (its rows' keys), the layer's ``x``, ``attn``,
+        ``x2`` and ``ffn`` tensors of its valid tokens in row order, (n_valid, hidden) each
+        (what ``compensate._teacher_layer`` gives)."""
         spec = get_arch(self.teacher)
 
         def rows(layer: int, name: str, keys: list[bytes]) -> torch.Tensor:
