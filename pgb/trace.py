@@ -47,6 +47,8 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
 RECORDED = ("attn", "ffn")  # per layer, and "x" of layer 0
 
 
@@ -60,12 +62,14 @@ def example_keys(batch: dict) -> list[bytes] | None:
     lengths = mask.sum(1)
     if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
         return None
+    ids = ids.cpu().numpy()  # one transfer, not one per row
     types = batch.get("token_type_ids")
+    types = None if types is None else types.cpu().numpy()
     keys = []
     for r, n in enumerate(lengths.tolist()):
-        key = ids[r, :n].cpu().numpy().tobytes()
+        key = ids[r, :n].tobytes()
         if types is not None:
-            key += b"|" + types[r, :n].cpu().numpy().tobytes()
+            key += b"|" + types[r, :n].tobytes()
         keys.append(key)
     return keys
 
