@@ -51,6 +51,12 @@ def init_from_env() -> bool:
         return False
     if torch.cuda.is_available():
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if local.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"torchrun started local rank {local.index}, but this machine shows "
+                f"{torch.cuda.device_count()} CUDA device(s) and pgb runs one process per "
+                f"GPU: use --nproc_per_node {torch.cuda.device_count()}, or hide the GPUs "
+                "(CUDA_VISIBLE_DEVICES=) to run the processes on the CPU")
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=TIMEOUT, device_id=local)
     else:

@@ -41,8 +41,11 @@ TRACE_BYTES = 4 * 2**30
 TRACE_SHARE = 0.25
 
 
-def available_bytes() -> int | None:
-    """Physical memory available now (Linux), or None where the system does not say."""
+def available_bytes(device: torch.device | None = None) -> int | None:
+    """Memory available now where the trace lives: the CUDA device's free memory, or the
+    host's physical memory (Linux); None where the system does not say."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -86,11 +89,11 @@ class TeacherTrace:
 
     def fits(self, batches: list[dict]) -> bool:
         """Whether recording ``batches`` stays within ``TRACE_BYTES`` and ``TRACE_SHARE`` of
-        the available memory."""
+        the memory available on the teacher's device (the trace is kept there)."""
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                      else b["input_ids"].numel() for b in batches)
         need = (len(RECORDED) * self.layers + 1) * self.hidden * 4 * tokens
-        free = available_bytes()
+        free = available_bytes(next(self.teacher.parameters()).device)
         ok = need <= TRACE_BYTES and (free is None or need <= TRACE_SHARE * free)
         if not ok:
             log.info("the teacher's activations (%.1f GB) are not kept for compensation: "

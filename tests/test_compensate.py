@@ -344,7 +344,7 @@ def test_trace_skips_left_padding_and_samples_over_its_budget(monkeypatch):
     tr = trace_mod.TeacherTrace(teacher)
     importance_scores(teacher, ragged(1), "fisher", progress=False, trace=tr)
     assert all(len(layer) == 6 for layer in tr.store)  # six distinct examples
-    for name, value in (("TRACE_BYTES", 0), ("available_bytes", lambda: 1000)):
+    for name, value in (("TRACE_BYTES", 0), ("available_bytes", lambda _device: 1000)):
         with monkeypatch.context() as m:  # over the fixed budget, or the free memory's share
             m.setattr(trace_mod, name, value)
             tr = trace_mod.TeacherTrace(teacher)

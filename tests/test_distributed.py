@@ -66,8 +66,9 @@ def one_thread():
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ARGS`` with single-threaded children."""
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` with single-threaded CPU children."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU, also on a machine with one GPU
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}
@@ -114,6 +115,20 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 # --------------------------------------------------------------------------- library
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """Rank 1 of two on a machine with one GPU names the counts and the fix before it
+    touches the device (where CUDA's own error would be "invalid device ordinal")."""
+    for key, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _d: pytest.fail("device was set"))
+    assert not dist.active()
+    with pytest.raises(RuntimeError, match=r"local rank 1.*1 CUDA device.*--nproc_per_node 1"):
+        dist.init_from_env()
 
 
 def test_helpers_are_no_ops_in_one_process():
