@@ -62,8 +62,9 @@ def keep_freed_memory() -> bool:
 def load_any(folder: str) -> nn.Module:
     """A pgb output folder (compact or structured) or a plain transformers checkpoint."""
     from .checkpoint import load
-    from .modeling import is_pgb_folder, load_config
+    from .modeling import is_pgb_folder, load_config, resolve_model
 
+    folder = resolve_model(folder)  # a missing folder is named as one, not as a hub id
     if is_pgb_folder(folder) or (Path(folder) / "structure.json").is_file():
         return load(folder)
     import transformers

@@ -234,7 +234,7 @@ def _layer0_inputs(model: nn.Module, batches: Iterable[dict], keys: bool = False
                 model(**{k: v for k, v in batch.items() if not k.endswith(("labels", "positions"))})
             except _Stop:
                 pass
-            mask = batch.get("attention_mask", torch.ones(batch["input_ids"].shape)).bool()
+            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
             valid = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
             out.append({"args": box["args"], "kwargs": box["kwargs"], "mask": mask,
                         "valid": valid, "keys": example_keys(batch) if keys else None})
@@ -356,9 +356,10 @@ def _empty_stats(plan: SublayerPlan, role: str, weight: torch.Tensor) -> dict:
     g, n_in = plan.groups, len(cols)
     rb, cb = len(rows) // g, len(cols) // g
     blocks = []
+    rows, cols = rows.to(weight.device), cols.to(weight.device)  # index the model's tensors
     for b in plan.matrices[role].kept:
         r = rows[b * rb:(b + 1) * rb]
-        k = torch.cat([cols[b * cb:(b + 1) * cb], torch.tensor([n_in])])
+        k = torch.cat([cols[b * cb:(b + 1) * cb], cols.new_tensor([n_in])])
         blocks.append({"rows": r, "cols": k, "c": torch.zeros(len(k), len(k), **zeros),
                        "cross": torch.zeros(len(r), len(k), **zeros)})
     return {"blocks": blocks, "tsum": torch.zeros(weight.shape[0], **zeros),
@@ -422,7 +423,7 @@ class _AffineSums:
             d = x.shape[1]
             self.tx = torch.zeros(d, d, **self.zeros)
             self.t_sum, self.x_sum = (torch.zeros(d, **self.zeros) for _ in range(2))
-            whole = torch.arange(d)
+            whole = torch.arange(d, device=x.device)
             self.whole = {key for key, (cols, _) in self.grams.items()
                           if len(cols) == d and torch.equal(cols, whole)}
         self.n += x.shape[0]

@@ -641,3 +641,14 @@ def test_missing_model_folder_is_named_even_online(monkeypatch, tmp_path, name):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=f"model '{re.escape(name)}' is not a local folder;"):
         resolve_model(name)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--baseline"])
+def test_bench_names_a_missing_folder(reference, tmp_path, capsys, flag):
+    """``pgb bench`` resolves its folders as every other command does: a missing one is
+    named as a folder, not reported with the hub client's message about repo ids."""
+    gone = str(tmp_path / "c" / "0.5")
+    folders = {"--model": str(reference), "--baseline": str(reference), flag: gone}
+    fails(capsys, ["bench", *[a for kv in folders.items() for a in kv], "--batch-size", "1",
+                   "--seq-len", "8", "--repeats", "1"],
+          f"model '{re.escape(gone)}' is not a local folder")
