@@ -229,6 +229,10 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     The sweeps stop when one gains less than ``tol`` (relative).
     """
     mats = list(scores)
+    # both layouts row-major, so that every band sum gathers whole rows (a column gather
+    # of a (384, 1536) matrix costs ~7x a row gather of its transpose)
+    scores = {m: np.ascontiguousarray(s) for m, s in scores.items()}
+    by_outer = {m: np.ascontiguousarray(s.T) for m, s in scores.items()}  # (outer, inner)
     n, h = scores[mats[0]].shape
     if n % groups or h % groups:
         raise ValueError(f"groups {groups} must divide the inner size {n} and hidden size {h}")
@@ -239,7 +243,7 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     stale = permute and groups > 1  # out_band not yet optimal for in_band
     for _ in range(iters if permute and groups > 1 else 0):
         out_band, stale = _outer_bands(scores, in_band, groups, shared_outer, out_band), False
-        gain = sum(_outer_fold(scores[m], out_band[m], groups) for m in mats)  # (n, G)
+        gain = sum(_outer_fold(by_outer[m], out_band[m], groups) for m in mats)  # (n, G)
         new_band = inner.assign(gain)
         value, current = (gain[np.arange(n), b].sum() for b in (new_band, in_band))
         if value < current:  # a heuristic step that lost: keep the current bands
@@ -268,31 +272,31 @@ def _outer_bands(scores: dict[str, np.ndarray], in_band: np.ndarray, groups: int
             for m, s in scores.items()}
 
 
-def _segment_sum(s: np.ndarray, band: np.ndarray, groups: int, axis: int) -> np.ndarray:
-    """Sums of ``s`` over the indices of each band along ``axis``, bands moved to the
-    front of that axis. Balanced bands (every search step keeps them so) are gathered in
-    band order and summed by reshaping: no BLAS call, whose threads stall and fight with
-    torch's on a busy 2-core machine (on a quiet one both ways cost about the same).
-    Unbalanced bands, which the search never makes, take the one-hot product."""
+def _segment_sum(s: np.ndarray, band: np.ndarray, groups: int) -> np.ndarray:
+    """(G, columns): sums of the rows of ``s`` in each band. Balanced bands (every search
+    step keeps them so) are gathered in band order and summed by reshaping: no BLAS call,
+    whose threads stall and fight with torch's on a busy 2-core machine (on a quiet one
+    both ways cost about the same). Unbalanced bands, which the search never makes, take
+    the one-hot product."""
     size = len(band)
     if np.bincount(band, minlength=groups).max() * groups == size:  # balanced
         order = np.argsort(band, kind="stable")
-        if axis == 0:
-            return s[order].reshape(groups, size // groups, -1).sum(axis=1)
-        return s[:, order].reshape(s.shape[0], groups, size // groups).sum(axis=2)
+        return s[order].reshape(groups, size // groups, -1).sum(axis=1)
     onehot = np.zeros((size, groups))
     onehot[np.arange(size), band] = 1.0
-    return onehot.T @ s if axis == 0 else s @ onehot
+    return onehot.T @ s
 
 
 def _band_sum(s: np.ndarray, in_band: np.ndarray, groups: int) -> np.ndarray:
-    """(G, outer): importance of each outer index inside each inner band."""
-    return _segment_sum(s, in_band, groups, axis=0)
+    """(G, outer): importance of each outer index inside each inner band; ``s`` (inner,
+    outer)."""
+    return _segment_sum(s, in_band, groups)
 
 
-def _outer_fold(s: np.ndarray, out_band: np.ndarray, groups: int) -> np.ndarray:
-    """(inner, G): importance of each inner item inside each outer band."""
-    return _segment_sum(s, out_band, groups, axis=1)
+def _outer_fold(s_t: np.ndarray, out_band: np.ndarray, groups: int) -> np.ndarray:
+    """(inner, G): importance of each inner item inside each outer band; ``s_t`` the
+    (outer, inner) scores."""
+    return _segment_sum(s_t, out_band, groups).T
 
 
 def _finish(scores, groups, inner, in_band, out_band) -> Grouping:

@@ -5,10 +5,12 @@ import pytest
 
 from pgb.arch import Dims
 from pgb.grouping import (
+    _band_sum,
     _cancel_cycles,
     _greedy_assign,
     _hungarian,
     _negative_cycle,
+    _outer_fold,
     balanced_assign,
     candidate_groups,
     search_sublayer,
@@ -186,3 +188,19 @@ def test_two_bands_are_sorted_in_one_round(monkeypatch):
     assert len(calls) == 2
     best = scores[np.arange(40), _hungarian(scores, 20)].sum()
     assert np.isclose(scores[np.arange(40), band].sum(), best, rtol=1e-12)
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_band_sums_and_outer_folds_equal_direct_sums(balanced):
+    """Both band sums gather rows (of the scores, or of their transpose): equal to summing
+    the indices of each band directly, balanced bands or not (the one-hot product)."""
+    rng = np.random.default_rng(3)
+    s = rng.random((12, 18))  # (inner, outer)
+    in_band = rng.permutation(np.repeat(np.arange(3), 4)) if balanced else \
+        np.array([0] * 6 + [1] * 2 + [2] * 4)
+    out_band = rng.permutation(np.repeat(np.arange(3), 6))
+    direct_in = np.stack([s[in_band == b].sum(0) for b in range(3)])  # (G, outer)
+    direct_out = np.stack([s[:, out_band == b].sum(1) for b in range(3)], axis=1)  # (inner, G)
+    np.testing.assert_allclose(_band_sum(s, in_band, 3), direct_in, rtol=1e-12)
+    np.testing.assert_allclose(_outer_fold(np.ascontiguousarray(s.T), out_band, 3),
+                               direct_out, rtol=1e-12)
