@@ -150,17 +150,31 @@ def _negative_cycle(w: np.ndarray, tol: float) -> list[int] | None:
 
 
 def _greedy_assign(scores: np.ndarray, capacity: int) -> np.ndarray:
-    """Items with most to lose go first, each to its best band that still has room."""
+    """Items with most to lose go first, each to its best band that still has room.
+
+    Run in phases rather than item by item: until some band fills, every item takes its
+    best open band, so a phase is one vectorised pass up to the first item whose band is
+    full; then that band closes (at most G phases, the same result as one item at a time).
+    """
+    n, g = scores.shape
     prefs = np.argsort(-scores, axis=1)  # (n, G) bands by preference
     top2 = np.take_along_axis(scores, prefs[:, :2], axis=1)
     order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")  # largest regret first
-    room = np.full(scores.shape[1], capacity)
-    band = np.empty(scores.shape[0], dtype=np.int64)
-    for i in order:
-        for b in prefs[i]:
-            if room[b]:
-                band[i], room[b] = b, room[b] - 1
-                break
+    rank = np.empty_like(prefs)  # rank[i, b]: place of band b in item i's preferences
+    np.put_along_axis(rank, prefs, np.arange(g)[None, :], axis=1)
+    rank = rank[order]
+    room = np.full(g, capacity)
+    band = np.empty(n, dtype=np.int64)
+    pos = 0
+    while pos < n:
+        choice = np.where(room > 0, rank[pos:], g).argmin(axis=1)  # best open band
+        wanted = np.bincount(choice, minlength=g)
+        # the phase ends at the first item whose band has no room left
+        k = min([len(choice)] + [int(np.flatnonzero(choice == b)[room[b]])
+                                 for b in np.flatnonzero(wanted > room)])
+        band[order[pos:pos + k]] = choice[:k]
+        room -= np.bincount(choice[:k], minlength=g)
+        pos += k
     return band
 
 

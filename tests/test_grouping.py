@@ -204,3 +204,28 @@ def test_band_sums_and_outer_folds_equal_direct_sums(balanced):
     np.testing.assert_allclose(_band_sum(s, in_band, 3), direct_in, rtol=1e-12)
     np.testing.assert_allclose(_outer_fold(np.ascontiguousarray(s.T), out_band, 3),
                                direct_out, rtol=1e-12)
+
+
+def _greedy_one_at_a_time(scores, capacity):
+    """The greedy's definition: by regret, each item to its best band with room."""
+    prefs = np.argsort(-scores, axis=1)
+    top2 = np.take_along_axis(scores, prefs[:, :2], axis=1)
+    room = np.full(scores.shape[1], capacity)
+    band = np.empty(scores.shape[0], dtype=np.int64)
+    for i in np.argsort(top2[:, 1] - top2[:, 0], kind="stable"):
+        b = next(b for b in prefs[i] if room[b])
+        band[i], room[b] = b, room[b] - 1
+    return band
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_greedy_in_phases_equals_one_item_at_a_time(ties):
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        g, capacity = int(rng.choice([2, 3, 4, 8, 16])), int(rng.integers(1, 40))
+        scores = rng.random((g * capacity, g))
+        if ties:
+            scores = np.round(scores * 3) / 3
+        band = _greedy_assign(scores, capacity)
+        assert np.array_equal(band, _greedy_one_at_a_time(scores, capacity))
+        assert np.bincount(band, minlength=g).tolist() == [capacity] * g
