@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         else []
     version = {"label": args.label, **code_version()}
     if args.render:
-        for r in records:
-            r.setdefault("note", args.note)
+        for r in records:  # rows measured without a note take this one
+            r["note"] = r.get("note") or args.note
     for task in [] if args.render else args.tasks.split(","):
         for s in (float(v) for v in args.sparsities.split(",")):
             for method in args.methods.split(","):
