@@ -244,7 +244,7 @@ def search_sublayer(scores: dict[str, np.ndarray], groups: int, heads: int | Non
     """
     mats = list(scores)
     # both layouts row-major, so that every band sum gathers whole rows (a column gather
-    # of a (384, 1536) matrix costs ~7x a row gather of its transpose)
+    # of a (384, 1536) matrix costs several times a row gather of its transpose)
     scores = {m: np.ascontiguousarray(s) for m, s in scores.items()}
     by_outer = {m: np.ascontiguousarray(s.T) for m, s in scores.items()}  # (outer, inner)
     n, h = scores[mats[0]].shape
