@@ -219,6 +219,17 @@ def emit(result: dict) -> None:
     print(json.dumps(result, sort_keys=True))
 
 
+def hint_gpu(command: str) -> None:
+    """A single process trains and compresses on the CPU: say so where a GPU sits idle."""
+    import torch
+
+    if torch.cuda.is_available():
+        logging.getLogger("pgb").warning(
+            "a CUDA device is available, but a single-process 'pgb %s' runs on the CPU; to "
+            "use the GPU, run it as: torchrun --standalone --nproc_per_node 1 -m pgb %s ...",
+            command, command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joined = dist.init_from_env()  # under torchrun: join the process group
@@ -231,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command in ("finetune", "compress", "run") and not joined:
+        hint_gpu(args.command)
     from . import commands, tools
 
     name = f"cmd_{args.command}"

@@ -544,3 +544,20 @@ def test_every_option_of_every_command_has_help():
                for opt in command._actions
                if opt.option_strings and opt.help in (None, "") and opt.dest != "help"]
     assert missing == []
+
+
+@pytest.mark.parametrize("command,hinted", [("compress", True), ("evaluate", False)])
+def test_an_idle_gpu_is_named_with_the_torchrun_command(monkeypatch, tmp_path, capsys,
+                                                        command, hinted):
+    """Single-process training and compression stay on the CPU; where CUDA is available,
+    the log says how to use it (the command then fails here on its missing model)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = [command, "--model", str(tmp_path / "gone"), "--task", "sst2"]
+    if command == "compress":
+        argv += ["--sparsity", "0.5", "--out", str(tmp_path / "out")]
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "is not a local folder" in err
+    assert ("torchrun --standalone --nproc_per_node 1 -m pgb compress" in err) == hinted
