@@ -286,12 +286,13 @@ def _outer_bands(scores: dict[str, np.ndarray], in_band: np.ndarray, groups: int
             for m, s in scores.items()}
 
 
-def _segment_sum(s: np.ndarray, band: np.ndarray, groups: int) -> np.ndarray:
-    """(G, columns): sums of the rows of ``s`` in each band. Balanced bands (every search
-    step keeps them so) are gathered in band order and summed by reshaping: no BLAS call,
-    whose threads stall and fight with torch's on a busy 2-core machine (on a quiet one
-    both ways cost about the same). Unbalanced bands, which the search never makes, take
-    the one-hot product."""
+def _band_sum(s: np.ndarray, band: np.ndarray, groups: int) -> np.ndarray:
+    """(G, columns): sums of the rows of ``s`` in each band (for ``s`` (inner, outer) and
+    the inner bands: the importance of each outer index inside each band). Balanced bands
+    (every search step keeps them so) are gathered in band order and summed by reshaping:
+    no BLAS call, whose threads stall and fight with torch's on a busy 2-core machine (on a
+    quiet one both ways cost about the same). Unbalanced bands, which the search never
+    makes, take the one-hot product."""
     size = len(band)
     if np.bincount(band, minlength=groups).max() * groups == size:  # balanced
         order = np.argsort(band, kind="stable")
@@ -301,16 +302,10 @@ def _segment_sum(s: np.ndarray, band: np.ndarray, groups: int) -> np.ndarray:
     return onehot.T @ s
 
 
-def _band_sum(s: np.ndarray, in_band: np.ndarray, groups: int) -> np.ndarray:
-    """(G, outer): importance of each outer index inside each inner band; ``s`` (inner,
-    outer)."""
-    return _segment_sum(s, in_band, groups)
-
-
 def _outer_fold(s_t: np.ndarray, out_band: np.ndarray, groups: int) -> np.ndarray:
     """(inner, G): importance of each inner item inside each outer band; ``s_t`` the
     (outer, inner) scores."""
-    return _segment_sum(s_t, out_band, groups).T
+    return _band_sum(s_t, out_band, groups).T
 
 
 def _finish(scores, groups, inner, in_band, out_band) -> Grouping:
