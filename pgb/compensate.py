@@ -26,8 +26,9 @@ mean target: this is the bias-only compensation of dropped sublayers.
 Each layer is passed over five times (the statistics of Q/K/V, attention-out, FFN-in and
 FFN-out, then the refitted layer's output). A refitted matrix's inputs and weights do not
 change again within its layer, so its output is recorded in the pass after its refit and
-replayed in the passes after that (``_Replay``): the later passes only run what changed,
-and give the same tensors.
+replayed in the passes after that (``_Replay``), and so are the attention core and the FFN
+activation once all they run is final: the later passes only run what changed, and give
+the same tensors.
 
 Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
 statistics of its shard and all-reduces them before solving, so every rank solves the same
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import dims_of, get_matrix, layer_module
+from .arch import dims_of, get_arch, get_matrix, layer_module
 from .config import COMPENSATION_PRIORS as PRIORS
 from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
@@ -138,10 +139,25 @@ class _Replay(contextlib.AbstractContextManager):
     in the layer), so a pass always runs the recorded matrices before it stops. A recorded
     output that the model changes in place (its version counter moves) is dropped, and
     that matrix runs again in later passes.
+
+    Two modules around the matrices are replayed the same way once everything they run is
+    final: the attention core (``ArchSpec.attn_core``: Q/K/V and the attention itself, with
+    attention-out where the family keeps it inside) and the FFN activation
+    (``ArchSpec.ffn_act``, final with FFN-in), so the later passes skip the attention and
+    the activation as well.
     """
 
     def __init__(self, student: nn.Module, layer: int, inputs: list[dict]):
-        self.linears = lambda role: get_matrix(student, layer, role)
+        spec, base = get_arch(student), layer_module(student, layer)
+        modules = {CORE: base.get_submodule(spec.attn_core), ACT: base.get_submodule(spec.ffn_act)}
+        self.linears = lambda role: (modules[role] if role in modules
+                                     else get_matrix(student, layer, role))
+        # the role whose refit makes each module's output final, and the one giving its width
+        core_after = "attn_out" if spec.attn_out_in_core else "value"
+        self.derived = {core_after: (CORE, core_after), "ffn_in": (ACT, "ffn_in")}
+        # matrices that run only inside the core: never called once the core replays
+        self.inside_core = ("query", "key", "value") + (("attn_out",) if spec.attn_out_in_core
+                                                        else ())
         self.batches = len(inputs)
         self.tokens = sum(_hidden(i).shape[:-1].numel() for i in inputs)  # padded
         self.pending: list[str] = []
@@ -149,8 +165,10 @@ class _Replay(contextlib.AbstractContextManager):
         self.bytes = 0
 
     def refitted(self, roles: Iterable[str]) -> None:
-        for role in roles:
-            w = self.linears(role).weight
+        roles = list(roles)
+        for role, width_of in [(r, r) for r in roles] + [self.derived[r] for r in roles
+                                                         if r in self.derived]:
+            w = self.linears(width_of).weight
             size = self.tokens * w.shape[0] * w.element_size()
             if self.bytes + size <= REPLAY_BYTES:
                 self.pending.append(role)
@@ -174,17 +192,28 @@ class _Replay(contextlib.AbstractContextManager):
                 self.outputs[role] = outs
         self.pending = []
         for role, outs in list(self.outputs.items()):
-            if any(t._version != v for t, v in outs):  # changed in place: not the output
+            if any(_first(t)._version != v for t, v in outs):  # changed in place
                 del self.outputs[role]
+        if CORE in self.outputs:  # its matrices' recorded outputs will not be asked for
+            for role in self.inside_core:
+                self.outputs.pop(role, None)
         return False
 
     def _record(self, role: str):
-        return lambda _m, _args, out: self.recording[role].append((out, out._version))
+        return lambda _m, _args, out: self.recording[role].append((out, _first(out)._version))
 
     @staticmethod
     def _replayer(outs: list):
         it = iter(outs)
         return lambda *_args, **_kwargs: next(it)[0]
+
+
+CORE, ACT = "attn_core", "ffn_act"
+
+
+def _first(out) -> torch.Tensor:
+    """The tensor a module returned, or the first of its tuple (attention cores)."""
+    return out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
 
 
 def _teacher_layer(teacher: nn.Module, layer: int, inputs: list[dict]) -> tuple[list, list]:
@@ -280,21 +309,27 @@ def _tokens(x: torch.Tensor, valid: torch.Tensor | None,
     return out.clone() if copy and out.data_ptr() == x.data_ptr() else out
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """``x^T x`` from row strips of its upper triangle, mirrored: about 2/3 of the multiply-
-    adds of ``x.T @ x`` for 384 columns and more (3-6 strips measured fastest here; the
-    strips keep the token count as the inner dimension, where BLAS runs at full speed)."""
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """Add ``x^T x`` (float32 products) to ``acc`` (float64, possibly a view), from row strips
+    of its upper triangle, mirrored: about 2/3 of the multiply-adds of ``x.T @ x`` for 384
+    columns and more (3-6 strips measured fastest here; the strips keep the token count as
+    the inner dimension, where BLAS runs at full speed). Each strip is added straight into
+    ``acc`` (a mixed-precision in-place add): no float32 square and no float64 copy of it."""
     d = x.shape[1]
     if d < 256:
-        return x.T @ x
-    out = x.new_empty(d, d)
+        acc += x.T @ x
+        return
     step = -(-d // min(6, d // 128))
     for i in range(0, d, step):
         strip = x[:, i:i + step].T @ x[:, i:]  # rows i..i+s of the upper triangle
         s = strip.shape[0]
-        out[i:i + s, i:] = strip
-        out[i + s:, i:i + s] = strip[:, s:].T
-    return out
+        acc[i:i + s, i:] += strip
+        acc[i + s:, i:i + s] += strip[:, s:].T
+
+
+def _gram_cost(d: int) -> float:
+    """Multiply-adds per token of :func:`_add_gram` on ``d`` columns."""
+    return d * d * (2 / 3 if d >= 256 else 1)
 
 
 def _collect(student, teacher, layer, roles, branch, inputs, plan: SublayerPlan,
@@ -386,11 +421,11 @@ def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
         xk = x.index_select(1, blk["cols"][:-1])  # (n, |K|)
         x_sum = xk.sum(0).double()
         c, cross = blk["c"], blk["cross"]
-        c[:-1, :-1] += _gram(xk).double()
+        _add_gram(c[:-1, :-1], xk)
         c[:-1, -1] += x_sum
         c[-1, :-1] += x_sum
         c[-1, -1] += n
-        cross[:, :-1] += (target.index_select(1, blk["rows"]).T @ xk).double()
+        cross[:, :-1] += target.index_select(1, blk["rows"]).T @ xk
         cross[:, -1] += t_sum[blk["rows"]]
 
 
@@ -402,18 +437,22 @@ class _AffineSums:
     1]^T [x_K, 1]``), so :meth:`fill` derives them once after the last batch: Q, K and V
     share the token-sized work, and the FFN-in targets (4x wider than its input) are never
     formed.
+
+    Where one product ``x^T x`` costs fewer multiply-adds than one per distinct K (Q, K and
+    V at G = 2: six sets of half the columns, 2.2x the work of the whole), only it is
+    accumulated and each ``x_K^T x_K`` is read out of it: the same sums, and no column
+    gathers of the tokens.
     """
 
     def __init__(self, stats: Iterable[dict]):
         stats = list(stats)
-        self.zeros = zeros = dict(dtype=torch.float64, device=stats[0]["tsum"].device)
-        self.grams: dict[tuple, list] = {}  # distinct K -> [K, x_K^T x_K]
+        self.zeros = dict(dtype=torch.float64, device=stats[0]["tsum"].device)
+        self.grams: dict[tuple, list] = {}  # distinct K -> [K, x_K^T x_K (or None: whole)]
         for st in stats:
             for blk in st["blocks"]:
                 cols = blk["cols"][:-1]
-                key = tuple(cols.tolist())
-                if key not in self.grams:
-                    self.grams[key] = [cols, torch.zeros(len(cols), len(cols), **zeros)]
+                self.grams.setdefault(tuple(cols.tolist()), [cols, None])
+        self.whole = None  # x^T x, where it is the cheaper way (decided at the first batch)
         self.tx = self.t_sum = self.x_sum = None  # sized by the first batch
         self.n = 0
 
@@ -423,15 +462,26 @@ class _AffineSums:
             d = x.shape[1]
             self.tx = torch.zeros(d, d, **self.zeros)
             self.t_sum, self.x_sum = (torch.zeros(d, **self.zeros) for _ in range(2))
-            whole = torch.arange(d, device=x.device)
-            self.whole = {key for key, (cols, _) in self.grams.items()
-                          if len(cols) == d and torch.equal(cols, whole)}
+            if sum(_gram_cost(len(key)) for key in self.grams) >= _gram_cost(d):
+                self.whole = torch.zeros(d, d, **self.zeros)
+            else:
+                for entry in self.grams.values():
+                    entry[1] = torch.zeros(len(entry[0]), len(entry[0]), **self.zeros)
         self.n += x.shape[0]
-        self.tx += (t_in.T @ x).double()
-        self.t_sum += t_in.sum(0).double()
-        self.x_sum += x.sum(0).double()
-        for key, (cols, g) in self.grams.items():
-            g += _gram(x if key in self.whole else x.index_select(1, cols)).double()
+        self.tx += t_in.T @ x
+        self.t_sum += t_in.sum(0)
+        self.x_sum += x.sum(0)
+        if self.whole is not None:
+            _add_gram(self.whole, x)
+        else:
+            for cols, g in self.grams.values():
+                _add_gram(g, x.index_select(1, cols))
+
+    def gram(self, cols: torch.Tensor) -> torch.Tensor:
+        """The accumulated ``x_K^T x_K`` of the kept column set ``cols`` (K)."""
+        if self.whole is not None:
+            return self.whole.index_select(0, cols).index_select(1, cols)
+        return self.grams[tuple(cols.tolist())][1]
 
     def fill(self, st: dict, a: torch.Tensor) -> None:
         """Add the sums' statistics to one role's ``st`` (see ``_empty_stats``); ``a``: the
@@ -448,7 +498,7 @@ class _AffineSums:
             k = blk["cols"]
             x_sum = self.x_sum[k[:-1]]
             c = blk["c"]
-            c[:-1, :-1] += self.grams[tuple(k[:-1].tolist())][1]
+            c[:-1, :-1] += self.gram(k[:-1])
             c[:-1, -1] += x_sum
             c[-1, :-1] += x_sum
             c[-1, -1] += n

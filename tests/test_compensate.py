@@ -8,7 +8,7 @@ from test_surgery import make_recipe
 from tiny import FAMILIES, tiny_batch, tiny_model
 
 from pgb import compensate as comp
-from pgb.arch import get_matrix
+from pgb.arch import get_arch, get_matrix, layer_module
 from pgb.compensate import apply_masks, compensate
 
 
@@ -107,10 +107,12 @@ def test_stream_targets_beat_local_targets_on_the_output():
     assert errors["stream"] < errors["local"]
 
 
-def test_affine_statistics_equal_the_direct_ones():
+@pytest.mark.parametrize("whole", [True, False])
+def test_affine_statistics_equal_the_direct_ones(whole):
     # Q, K, V and FFN-in targets are [t_in, 1] @ a.T: their statistics come from sums over
-    # the batches (t_in^T x, token sums, x_K^T x_K per distinct K), filled in once at the
-    # end; neither path forms the ones column or the targets
+    # the batches (t_in^T x, token sums, x_K^T x_K per distinct K, or x^T x once where that
+    # is cheaper), filled in once at the end; neither path forms the ones column or the
+    # targets
     from pgb.compensate import _accumulate, _AffineSums
 
     gen = torch.Generator().manual_seed(0)
@@ -131,15 +133,18 @@ def test_affine_statistics_equal_the_direct_ones():
 
     layouts = [(([0, 5, 7], [2, 4, 9]), ([1, 12], [0, 1, 3, 9])),  # two roles share K's
                (([0, 5, 7], [2, 4, 9]), ([1, 12], [0, 1, 3, 9])),
-               (([3, 4], list(range(10))),)]  # all inputs: no gather
+               (([3, 4], list(range(10))),)]  # all inputs: x^T x is the cheaper way
+    layouts = layouts if whole else layouts[:2]  # two small K's: one product per K
     direct = [empty(lay) for lay in layouts]
     shared = [empty(lay) for lay in layouts]
     sums = _AffineSums(shared)
-    assert len(sums.grams) == 3  # one x_K^T x_K per distinct K
+    assert len(sums.grams) == (3 if whole else 2)  # distinct K's
     for _ in range(2):  # two batches
         for st in direct:
             _accumulate(st, x, t1 @ a.T)
         sums.add(x, t_in)
+    assert (sums.whole is not None) == whole
+    assert all((g is None) == whole for _, g in sums.grams.values())
     for st in shared:
         sums.fill(st, a)
     for s_st, d_st in zip(shared, direct, strict=True):
@@ -155,10 +160,13 @@ def test_affine_statistics_equal_the_direct_ones():
 
 @pytest.mark.parametrize("d", [7, 300, 777])
 def test_gram_from_strips_is_the_symmetric_product(d):
-    from pgb.compensate import _gram
+    from pgb.compensate import _add_gram
 
     x = torch.randn(131, d, generator=torch.Generator().manual_seed(d))
-    torch.testing.assert_close(_gram(x).double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-3)
+    acc = torch.eye(d, dtype=torch.float64)  # added to, into a float64 accumulator
+    _add_gram(acc, x)
+    expected = torch.eye(d, dtype=torch.float64) + x.double().T @ x.double()
+    torch.testing.assert_close(acc, expected, rtol=1e-5, atol=1e-3)
 
 
 def test_teacher_prior_interpolates_between_least_squares_and_no_compensation():
@@ -220,9 +228,18 @@ def test_replayed_outputs_give_the_same_weights(family, monkeypatch):
         return linear_forward(self, x)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    # the attention core and the FFN activation: calls that entered their own forward
+    spec, layer0 = get_arch(teacher), layer_module(teacher, 0)
+    for path in (spec.attn_core, spec.ffn_act):
+        cls = type(layer0.get_submodule(path))
+        monkeypatch.setattr(cls, "forward", _counting(cls.forward, runs))
+    # passes entering the core, from the Q/K/V statistics on: 2 (core final after Q/K/V)
+    # or 3 (attention-out inside it) before it replays, 5 when it never does
+    core_replayed = 3 if spec.attn_out_in_core else 2
     results = []
-    for budget, (q_runs, ffn_in_runs) in ((comp.REPLAY_BYTES, (1, 1)),
-                                          (3 * tokens * hidden * 4, (1, 2)), (0, (4, 2))):
+    for budget, (q_runs, ffn_in_runs, core_runs, act_runs) in (
+            (comp.REPLAY_BYTES, (1, 1, core_replayed, 1)),
+            (3 * tokens * hidden * 4, (1, 2, 5, 2)), (0, (4, 2, 5, 2))):
         monkeypatch.setattr(comp, "REPLAY_BYTES", budget)
         student = copy.deepcopy(teacher)
         apply_masks(student, recipe)
@@ -232,9 +249,19 @@ def test_replayed_outputs_give_the_same_weights(family, monkeypatch):
         # passes after Q's refit: attention-out, FFN-in, FFN-out statistics, layer output
         assert runs[get_matrix(student, 0, "query")] == q_runs * len(batches)
         assert runs[get_matrix(student, 0, "ffn_in")] == ffn_in_runs * len(batches)
+        s_layer0 = layer_module(student, 0)
+        assert runs[s_layer0.get_submodule(spec.attn_core)] == core_runs * len(batches)
+        assert runs[s_layer0.get_submodule(spec.ffn_act)] == act_runs * len(batches)
     for other in results[1:]:
         for name, w in results[0].items():
             assert torch.equal(w, other[name]), name
+
+
+def _counting(forward, runs: dict):
+    def counted(self, *args, **kwargs):
+        runs[self] = runs.get(self, 0) + 1
+        return forward(self, *args, **kwargs)
+    return counted
 
 
 def test_replay_returns_recorded_outputs_and_drops_those_changed_in_place():
@@ -244,7 +271,10 @@ def test_replay_returns_recorded_outputs_and_drops_those_changed_in_place():
     replay = comp._Replay(model, 0, [{"args": (x,), "kwargs": {}} for x in xs])
     replay.refitted(["value", "ffn_in"])
     ffn_in = get_matrix(model, 0, "ffn_in")
-    assert replay.bytes == 3 * 2 * 5 * (value.out_features + ffn_in.out_features) * 4
+    # value and ffn_in, and what they make final: BERT's attention core (its width is
+    # value's) and the FFN activation (ffn_in's)
+    assert replay.pending == ["value", "ffn_in", "attn_core", "ffn_act"]
+    assert replay.bytes == 3 * 2 * 5 * 2 * (value.out_features + ffn_in.out_features) * 4
     with replay:  # the pass after the refit records; ffn_in does not run in it
         recorded = [value(x) for x in xs]
     assert list(replay.outputs) == ["value"]
