@@ -230,6 +230,21 @@ def hint_gpu(command: str) -> None:
             command, command)
 
 
+# commands that pass over whole datasets: they keep freed memory for reuse (reuse_memory)
+HEAVY = ("finetune", "compress", "run")
+
+
+def reuse_memory() -> None:
+    """Keep freed memory in this process (:func:`pgb.bench.keep_freed_memory`) for the
+    heavy commands: their passes allocate large activations over and over, and fresh memory
+    costs page faults on first touch (measured in docs/DESIGN.md). The process keeps its
+    peak memory until it exits; ``PGB_REUSE_MEMORY=0`` leaves malloc as it is."""
+    if os.environ.get("PGB_REUSE_MEMORY", "1") != "0":
+        from .bench import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joined = dist.init_from_env()  # under torchrun: join the process group
@@ -242,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command in ("finetune", "compress", "run") and not joined:
-        hint_gpu(args.command)
+    if args.command in HEAVY:
+        if not joined:
+            hint_gpu(args.command)
+        reuse_memory()
     from . import commands, tools
 
     name = f"cmd_{args.command}"
