@@ -417,16 +417,35 @@ def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
     t_sum = target.sum(0).double()
     st["n"] += n
     st["tsum"] += t_sum
-    for blk in st["blocks"]:  # index_select: a column gather ~5x faster than x[:, cols]
-        xk = x.index_select(1, blk["cols"][:-1])  # (n, |K|)
+    if not st["blocks"]:
+        return
+    cols, rows = _joined(st)
+    xs, ts = x.index_select(1, cols), target.index_select(1, rows)  # every block's, in turn
+    i = j = 0
+    for blk in st["blocks"]:
+        k, r = len(blk["cols"]) - 1, len(blk["rows"])
+        xk, tk = xs[:, i:i + k], ts[:, j:j + r]  # strided views: BLAS reads them in place
+        i, j = i + k, j + r
         x_sum = xk.sum(0).double()
         c, cross = blk["c"], blk["cross"]
         _add_gram(c[:-1, :-1], xk)
         c[:-1, -1] += x_sum
         c[-1, :-1] += x_sum
         c[-1, -1] += n
-        cross[:, :-1] += target.index_select(1, blk["rows"]).T @ xk
+        cross[:, :-1] += tk.T @ xk
         cross[:, -1] += t_sum[blk["rows"]]
+
+
+def _joined(st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept blocks' input columns and output rows, each concatenated block after block
+    (kept in ``st``): a batch is gathered once per role, not once per block. A column
+    gather costs several times a copy (``index_select``; ``x[:, cols]`` is ~5x slower
+    still), and one gather of all the columns costs less than one per block: 1.5 against
+    2.7 ms for 16 blocks of a 1,700 x 1,536 batch on the 2-core CPU."""
+    if "joined" not in st:
+        st["joined"] = (torch.cat([blk["cols"][:-1] for blk in st["blocks"]]),
+                        torch.cat([blk["rows"] for blk in st["blocks"]]))
+    return st["joined"]
 
 
 class _AffineSums:
@@ -467,15 +486,22 @@ class _AffineSums:
             else:
                 for entry in self.grams.values():
                     entry[1] = torch.zeros(len(entry[0]), len(entry[0]), **self.zeros)
+                keys = [cols for cols, _ in self.grams.values()]
+                self.joined = torch.cat(keys) if keys else None  # None: no kept block
         self.n += x.shape[0]
         self.tx += t_in.T @ x
         self.t_sum += t_in.sum(0)
         self.x_sum += x.sum(0)
         if self.whole is not None:
             _add_gram(self.whole, x)
-        else:
-            for cols, g in self.grams.values():
-                _add_gram(g, x.index_select(1, cols))
+            return
+        if self.joined is None:
+            return
+        xs = x.index_select(1, self.joined)  # every K's columns, in turn: one gather
+        i = 0
+        for cols, g in self.grams.values():
+            _add_gram(g, xs[:, i:i + len(cols)])
+            i += len(cols)
 
     def gram(self, cols: torch.Tensor) -> torch.Tensor:
         """The accumulated ``x_K^T x_K`` of the kept column set ``cols`` (K)."""

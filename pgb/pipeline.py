@@ -52,29 +52,73 @@ class CompressResult:
 
 
 def search_groupings(scores: dict[str, torch.Tensor], model: nn.Module, cfg: CompressConfig,
-                     progress: bool = True, cache: dict | None = None) -> dict:
+                     progress: bool = True, cache: dict | None = None,
+                     workers: int | None = None) -> dict:
     """Grouping search for every sublayer and candidate group count.
 
     ``cache`` (a dict, filled here) keeps each search by sublayer and G, so the budgets of a
     sweep search every (sublayer, G) once: the search does not depend on the sparsity.
+
+    The searches are independent, single-threaded Python and NumPy: ``workers`` processes
+    (default: torch's thread count, one where fork is unavailable or under
+    ``torch.distributed``, whose ranks already share the cores) run the sublayers side by
+    side, each returning exactly what a serial search finds.
     """
     dims, spec = dims_of(model), get_arch(model)
     cache = {} if cache is None else cache
-    out = {}
     units = [(layer, kind) for layer in range(dims.layers) for kind in SUBLAYERS]
-    for layer, kind in tqdm(units, desc="grouping", disable=not progress):
-        sc = {r: orient(r, scores[f"{layer}.{r}"].numpy()) for r in SUBLAYERS[kind]}
-        cands = candidate_groups(kind, dims, cfg.max_groups)
+    cands = {}
+    for layer, kind in units:
+        cands[(layer, kind)] = candidate_groups(kind, dims, cfg.max_groups)
         if cfg.uniform_groups:
-            cands = [g for g in cands if g == cfg.uniform_g()]
-        heads = dims.heads if kind == "attn" else None
-        for g in cands:
-            if (layer, kind, g) not in cache:
-                cache[(layer, kind, g)] = search_sublayer(
-                    sc, g, heads=heads, fixed_head_order=spec.fixed_head_order,
-                    iters=cfg.search_iters, permute=cfg.permute, shared_outer=cfg.shared_order)
-        out[(layer, kind)] = {g: cache[(layer, kind, g)] for g in cands}
-    return out
+            cands[(layer, kind)] = [g for g in cands[(layer, kind)] if g == cfg.uniform_g()]
+    jobs = []  # (unit, search arguments), the sublayers with a search still to run
+    for layer, kind in units:
+        todo = [g for g in cands[(layer, kind)] if (layer, kind, g) not in cache]
+        if todo:
+            sc = {r: orient(r, scores[f"{layer}.{r}"].numpy()) for r in SUBLAYERS[kind]}
+            jobs.append(((layer, kind), (sc, todo, dict(
+                heads=dims.heads if kind == "attn" else None,
+                fixed_head_order=spec.fixed_head_order, iters=cfg.search_iters,
+                permute=cfg.permute, shared_outer=cfg.shared_order))))
+    for (layer, kind), found in zip([u for u, _ in jobs],
+                                    _run_searches([a for _, a in jobs], workers, progress),
+                                    strict=True):
+        for g, grouping in found.items():
+            cache[(layer, kind, g)] = grouping
+    return {u: {g: cache[(*u, g)] for g in cands[u]} for u in units}
+
+
+def _search_unit(args: tuple) -> dict:
+    """Every candidate G of one sublayer: ``args`` = (scores, group counts, options)."""
+    sc, groups, options = args
+    return {g: search_sublayer(sc, g, **options) for g in groups}
+
+
+def _run_searches(jobs: list[tuple], workers: int | None, progress: bool) -> list[dict]:
+    """``_search_unit`` of each job, in order: in ``workers`` forked processes, else here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers is None:
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        workers = torch.get_num_threads() if fork and world() == 1 else 1
+    workers = min(workers, len(jobs))
+    found = []
+    with tqdm(total=len(jobs), desc="grouping", disable=not progress) as bar:
+        if workers <= 1:
+            results = map(_search_unit, jobs)
+        else:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            results = pool.map(_search_unit, jobs)
+        try:
+            for one in results:
+                found.append(one)
+                bar.update(1)
+        finally:
+            if workers > 1:
+                pool.shutdown(cancel_futures=True)
+    return found
 
 
 def shared_key(cfg: CompressConfig) -> tuple:

@@ -632,6 +632,24 @@ def test_grouping_search_is_deterministic():
     assert json.dumps(first.to_json()) == json.dumps(second.to_json())
 
 
+def test_grouping_searches_in_worker_processes_find_the_serial_answer():
+    import pickle
+
+    model = tiny_model("bert")
+    scores = random_scores(model, seed=5)
+    cfg = CompressConfig(sparsity=0.6)
+    serial = search_groupings(scores, model, cfg, progress=False, workers=1)
+    cache = {(0, "ffn", 2): serial[(0, "ffn")][2]}  # a search done already is not redone
+    parallel = search_groupings(scores, model, cfg, progress=False, cache=cache, workers=2)
+    assert parallel.keys() == serial.keys()
+    assert parallel[(0, "ffn")][2] is cache[(0, "ffn", 2)]
+    for unit, found in serial.items():
+        assert parallel[unit].keys() == found.keys()
+        for g, grouping in found.items():  # every array and number the same
+            assert pickle.dumps(parallel[unit][g]) == pickle.dumps(grouping), (unit, g)
+            assert cache[(*unit, g)] is parallel[unit][g]
+
+
 @pytest.mark.parametrize("name", ["runs/teachers/none", "./none", "/no/such/folder"])
 def test_missing_model_folder_is_named_even_online(monkeypatch, tmp_path, name):
     """A name that cannot be a hub id ("namespace/name" at most) fails as a missing folder,
