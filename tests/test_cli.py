@@ -561,3 +561,25 @@ def test_an_idle_gpu_is_named_with_the_torchrun_command(monkeypatch, tmp_path, c
     err = capsys.readouterr().err
     assert "is not a local folder" in err
     assert ("torchrun --standalone --nproc_per_node 1 -m pgb compress" in err) == hinted
+
+
+@pytest.mark.parametrize("command,setting,kept", [("compress", None, True),
+                                                  ("compress", "0", False),
+                                                  ("evaluate", None, False)])
+def test_heavy_commands_keep_freed_memory_unless_told_not_to(monkeypatch, tmp_path, command,
+                                                             setting, kept):
+    """finetune/compress/run set malloc to keep freed memory (PGB_REUSE_MEMORY=0: not);
+    light commands leave it alone (the command then fails here on its missing model)."""
+    import pgb.bench
+
+    calls = []
+    monkeypatch.setattr(pgb.bench, "keep_freed_memory", lambda: calls.append(1) or True)
+    if setting is None:
+        monkeypatch.delenv("PGB_REUSE_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("PGB_REUSE_MEMORY", setting)
+    argv = [command, "--model", str(tmp_path / "gone"), "--task", "sst2"]
+    if command == "compress":
+        argv += ["--sparsity", "0.5", "--out", str(tmp_path / "out")]
+    assert main(["-q", *argv]) == 2
+    assert calls == ([1] if kept else [])
