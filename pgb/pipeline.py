@@ -96,28 +96,33 @@ def _search_unit(args: tuple) -> dict:
 
 
 def _run_searches(jobs: list[tuple], workers: int | None, progress: bool) -> list[dict]:
-    """``_search_unit`` of each job, in order: in ``workers`` forked processes, else here."""
+    """``_search_unit`` of each job, in order: in ``workers`` forked processes, else here.
+    Where the workers fail (a fork refused, a worker killed), this process searches the
+    sublayers they did not return."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     if workers is None:
         fork = "fork" in multiprocessing.get_all_start_methods()
         workers = torch.get_num_threads() if fork and world() == 1 else 1
     workers = min(workers, len(jobs))
-    found = []
+    found: list[dict] = []
     with tqdm(total=len(jobs), desc="grouping", disable=not progress) as bar:
-        if workers <= 1:
-            results = map(_search_unit, jobs)
-        else:
+        if workers > 1:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            results = pool.map(_search_unit, jobs)
-        try:
-            for one in results:
-                found.append(one)
-                bar.update(1)
-        finally:
-            if workers > 1:
+            try:
+                for one in pool.map(_search_unit, jobs):
+                    found.append(one)
+                    bar.update(1)
+            except (BrokenProcessPool, OSError) as err:
+                log.warning("grouping worker processes failed (%s); searching the remaining "
+                            "sublayers in this process", err)
+            finally:
                 pool.shutdown(cancel_futures=True)
+        for job in jobs[len(found):]:
+            found.append(_search_unit(job))
+            bar.update(1)
     return found
 
 

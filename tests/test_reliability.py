@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -648,6 +649,38 @@ def test_grouping_searches_in_worker_processes_find_the_serial_answer():
         for g, grouping in found.items():  # every array and number the same
             assert pickle.dumps(parallel[unit][g]) == pickle.dumps(grouping), (unit, g)
             assert cache[(*unit, g)] is parallel[unit][g]
+
+
+_PARENT = os.getpid()
+
+
+def _dies_in_a_worker(args):
+    """``pipeline._search_unit`` that kills any worker process running it (as an OOM kill
+    or a signal would); in the test's own process, the real search."""
+    import pgb.pipeline as pipeline
+
+    if os.getpid() != _PARENT:
+        os._exit(3)
+    return pipeline._SEARCH_UNIT(args)
+
+
+def test_grouping_falls_back_to_this_process_when_a_worker_dies(monkeypatch, caplog):
+    import pickle
+
+    import pgb.pipeline as pipeline
+
+    model = tiny_model("bert")
+    scores = random_scores(model, seed=6)
+    cfg = CompressConfig(sparsity=0.6)
+    serial = search_groupings(scores, model, cfg, progress=False, workers=1)
+    monkeypatch.setattr(pipeline, "_SEARCH_UNIT", pipeline._search_unit, raising=False)
+    monkeypatch.setattr(pipeline, "_search_unit", _dies_in_a_worker)
+    with caplog.at_level("WARNING", logger="pgb"):
+        found = search_groupings(scores, model, cfg, progress=False, workers=2)
+    assert "grouping worker processes failed" in caplog.text
+    for unit, per_g in serial.items():
+        for g, grouping in per_g.items():
+            assert pickle.dumps(found[unit][g]) == pickle.dumps(grouping), (unit, g)
 
 
 @pytest.mark.parametrize("name", ["runs/teachers/none", "./none", "/no/such/folder"])
