@@ -440,8 +440,7 @@ def _joined(st: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept blocks' input columns and output rows, each concatenated block after block
     (kept in ``st``): a batch is gathered once per role, not once per block. A column
     gather costs several times a copy (``index_select``; ``x[:, cols]`` is ~5x slower
-    still), and one gather of all the columns costs less than one per block: 1.5 against
-    2.7 ms for 16 blocks of a 1,700 x 1,536 batch on the 2-core CPU."""
+    still), and one gather of all the columns costs less than many small ones."""
     if "joined" not in st:
         st["joined"] = (torch.cat([blk["cols"][:-1] for blk in st["blocks"]]),
                         torch.cat([blk["rows"] for blk in st["blocks"]]))
@@ -472,6 +471,7 @@ class _AffineSums:
                 cols = blk["cols"][:-1]
                 self.grams.setdefault(tuple(cols.tolist()), [cols, None])
         self.whole = None  # x^T x, where it is the cheaper way (decided at the first batch)
+        self.joined = None  # else every K's columns, concatenated: one gather per batch
         self.tx = self.t_sum = self.x_sum = None  # sized by the first batch
         self.n = 0
 
