@@ -67,25 +67,22 @@ def search_groupings(scores: dict[str, torch.Tensor], model: nn.Module, cfg: Com
     dims, spec = dims_of(model), get_arch(model)
     cache = {} if cache is None else cache
     units = [(layer, kind) for layer in range(dims.layers) for kind in SUBLAYERS]
-    cands = {}
+    cands, searched, jobs = {}, [], []  # jobs: the searches still to run, per sublayer
     for layer, kind in units:
         cands[(layer, kind)] = candidate_groups(kind, dims, cfg.max_groups)
         if cfg.uniform_groups:
             cands[(layer, kind)] = [g for g in cands[(layer, kind)] if g == cfg.uniform_g()]
-    jobs = []  # (unit, search arguments), the sublayers with a search still to run
-    for layer, kind in units:
         todo = [g for g in cands[(layer, kind)] if (layer, kind, g) not in cache]
         if todo:
             sc = {r: orient(r, scores[f"{layer}.{r}"].numpy()) for r in SUBLAYERS[kind]}
-            jobs.append(((layer, kind), (sc, todo, dict(
+            searched.append((layer, kind))
+            jobs.append((sc, todo, dict(
                 heads=dims.heads if kind == "attn" else None,
                 fixed_head_order=spec.fixed_head_order, iters=cfg.search_iters,
-                permute=cfg.permute, shared_outer=cfg.shared_order))))
-    for (layer, kind), found in zip([u for u, _ in jobs],
-                                    _run_searches([a for _, a in jobs], workers, progress),
-                                    strict=True):
+                permute=cfg.permute, shared_outer=cfg.shared_order)))
+    for unit, found in zip(searched, _run_searches(jobs, workers, progress), strict=True):
         for g, grouping in found.items():
-            cache[(layer, kind, g)] = grouping
+            cache[(*unit, g)] = grouping
     return {u: {g: cache[(*u, g)] for g in cands[u]} for u in units}
 
 
