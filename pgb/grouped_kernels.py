@@ -23,13 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-STRATEGIES = ("auto", "reference", "bands", "batched", "conv")
+from . import native
 
-# "auto" uses "batched" up to this many tokens (twice as many when the output is the
-# narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
-# Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384
-# tokens for 384->1536 and 384->384, ~512 for 1536->384.
+STRATEGIES = ("auto", "reference", "bands", "batched", "conv", "native")
+
+# "auto" uses "native" (pgb's own AVX2 kernel, where it is available and fits) up to
+# NATIVE_TOKENS tokens; otherwise "batched" up to SMALL_TOKENS tokens (twice as many when
+# the output is the narrower side), "conv" (all blocks kept, CPU with oneDNN) or else
+# "bands" above. Measured batched/bands crossover on 2 threads for MiniLM shapes at
+# G = 2..8: 256-384 tokens for 384->1536 and 384->384, ~512 for 1536->384.
 SMALL_TOKENS = 256
+NATIVE_TOKENS = 1024
 
 _SCRATCH = threading.local()
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -82,13 +86,26 @@ class BlockKernels:
         kept_set = set(self._kept)
         self._dropped_runs = _runs([k for k in range(groups) if k not in kept_set])
         self._all_kept = len(self._kept) == groups
+        # the native kernel's block map: block g -> its index in weight, -1 when dropped
+        slot = {k: j for j, k in enumerate(self._kept)}
+        self._slot = torch.tensor([slot.get(g, -1) for g in range(groups)], dtype=torch.int32)
+
+    def _native_fits(self, xb: Tensor) -> bool:
+        """Whether the native kernel takes this input: float32 rows of unit column stride
+        on the CPU, block outputs a multiple of 8 wide, and the kernel built here."""
+        return (self.ob % 8 == 0 and xb.dtype == torch.float32 and xb.device.type == "cpu"
+                and xb.stride(-1) == 1 and native.available())
 
     def _fast_strategy(self, xb: Tensor, strategy: str) -> str:
         """The fast kernel for ``strategy`` (not "reference") and input (N, in)."""
         if strategy == "conv" and not self._all_kept:
             return "bands"  # the convolution has no place for a dropped block
+        if strategy == "native" and not self._native_fits(xb):
+            strategy = "auto"  # another CPU, no compiler, or a shape it does not take
         if strategy != "auto":
             return strategy
+        if xb.shape[0] <= NATIVE_TOKENS and self._native_fits(xb):
+            return "native"
         # "bands" writes every block once, in place; "batched" adds a (Gk, N, ob)
         # temporary and a transposing pass, which pays off at few tokens; oneDNN's
         # grouped convolution beats both from a few hundred tokens up on the CPU.
@@ -104,6 +121,8 @@ class BlockKernels:
         (N, out) when given, else into a fresh tensor."""
         if strategy == "conv":
             return self._forward_conv(xb, weight, bias)
+        if strategy == "native":
+            return native.grouped_mm(xb, weight, bias, self.groups, self._slot, out)
         kernel = self._forward_bands if strategy == "bands" else self._forward_batched
         return kernel(xb, weight, bias, out)
 

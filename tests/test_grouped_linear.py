@@ -15,6 +15,7 @@ CASES = [
     (74, 37 * 4, 2, [1]),
     (35, 21, 7, [1, 2, 4, 6]),
     (8, 8, 4, []),
+    (45, 72, 3, [0, 2]),  # blocks 24 wide: the native kernel's 16- and 8-wide tiles
 ]
 
 
@@ -65,7 +66,9 @@ def test_no_bias(strategy):
     torch.testing.assert_close(_run(module, x, strategy), x @ w.T, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_by_tokens_and_shape():
+def test_auto_picks_by_tokens_and_shape(no_native):
+    """The PyTorch kernels' rule (the native kernel, where built, goes first at few tokens:
+    ``test_native.py``)."""
     wide = GroupedLinear(8, 32, 4, [0, 1, 2, 3])
     narrow = GroupedLinear(32, 8, 4, [0, 1, 2, 3])
     holed = GroupedLinear(8, 32, 4, [0, 2, 3])

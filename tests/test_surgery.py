@@ -65,8 +65,8 @@ def test_compact_equals_masked_dense(family, sparsity, shared_order):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shared_order", [False, True])
-def test_compact_equals_masked_dense_with_many_tokens(family, shared_order):
-    """360 tokens: the fast CPU kernels for large inputs ("conv" where every block is
+def test_compact_equals_masked_dense_with_many_tokens(family, shared_order, no_native):
+    """360 tokens: the PyTorch kernels for large inputs ("conv" where every block is
     kept, "bands" elsewhere) instead of the few-token "batched" one."""
     model = tiny_model(family)
     _, masked, compact = compacted(model, 0.5, shared_order=shared_order)

@@ -1,0 +1,160 @@
+"""The native CPU kernel of grouped layers (``pgb/csrc/grouped_mm_avx2.c``), built on first use.
+
+On an x86-64 CPU with AVX2 and FMA, the first grouped layer that asks for it compiles the
+kernel with the system C compiler (``$CC``, else ``cc``) into a cache folder and loads it
+with :mod:`ctypes`; later processes load the cached library. It runs on torch's own
+OpenMP threads (``torch.get_num_threads()``). Where it cannot be had (another CPU, no
+compiler, a failed build, ``PGB_NATIVE=0``) :func:`available` is False, one log line says
+why, and grouped layers keep their PyTorch kernels: the same results, only slower at few
+tokens.
+
+Cache folder: ``$PGB_CACHE_DIR``, else ``$XDG_CACHE_HOME/pgb``, else ``~/.cache/pgb``; the
+library's name carries a hash of the source, the flags and the compiler's version, so an
+edit or another compiler builds anew. Builds go to a temporary file renamed into place, so
+concurrent processes never load a half-written library.
+
+Example::
+
+    >>> from pgb import native
+    >>> native.available()            # builds or loads the kernel once per process
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "grouped_mm_avx2.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c99", "-shared", "-fPIC")
+
+_state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (see the module docstring)."""
+    if os.environ.get("PGB_CACHE_DIR"):
+        return Path(os.environ["PGB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pgb"
+
+
+def available() -> bool:
+    """Whether the native kernel is loaded (building it on the first call)."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                lib, why = _load()
+                _state.update(lib=lib, why=why)
+                if lib is None:
+                    log.info("native grouped kernel unavailable (%s); grouped layers use "
+                             "the PyTorch kernels", why)
+    return _state["lib"] is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    available()
+    return _state["why"]
+
+
+def reset() -> None:
+    """Forget the loaded library, so the next :func:`available` looks again (tests)."""
+    with _lock:
+        _state.clear()
+
+
+def _cpu_supported() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU is {platform.machine()}, not x86-64"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"torch reports CPU capability {capability}, the kernel needs AVX2 and FMA"
+    return None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("PGB_NATIVE", "1") == "0":
+        return None, "PGB_NATIVE=0"
+    why = _cpu_supported()
+    if why:
+        return None, why
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        return None, f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH; set CC"
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"building or loading {SOURCE.name} failed: {err}"
+    fn = lib.pgb_grouped_mm
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, i64, p, p, p, i64, i32, i32, i32, p, i32]
+    fn.restype = i32
+    return lib, None
+
+
+def _build(compiler: str) -> Path:
+    """The cached library for this source, flags and compiler, built if missing."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+                         + version.encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"grouped_mm_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise subprocess.SubprocessError(
+                f"{compiler} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build lands the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built the native grouped kernel: %s", target)
+    return target
+
+
+def grouped_mm(xb: Tensor, weight: Tensor, bias: Tensor | None, groups: int, slot: Tensor,
+               out: Tensor | None = None) -> Tensor:
+    """Block-ordered ``xb`` (N, in) -> (N, out) through the native kernel (into ``out``
+    when given). ``weight`` (kept, in/G, out/G); ``slot`` (G,) int32: each block's index in
+    ``weight``, -1 for a dropped block. Float32 CPU tensors; ``xb`` and ``out`` with unit
+    column stride; out/G a multiple of 8."""
+    if not available():
+        raise RuntimeError(f"the native grouped kernel is unavailable: {_state['why']}")
+    if xb.dtype != torch.float32 or weight.dtype != torch.float32 or \
+            (bias is not None and bias.dtype != torch.float32):
+        raise TypeError("the native grouped kernel takes float32 tensors only")
+    n = xb.shape[0]
+    ib, ob = weight.shape[1], weight.shape[2]
+    y = xb.new_empty(n, groups * ob) if out is None else out
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    status = _state["lib"].pgb_grouped_mm(
+        xb.data_ptr(), n, xb.stride(0), weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), groups, ib,
+        ob, slot.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"native grouped kernel refused its arguments: N={n}, G={groups}, "
+                         f"ib={ib}, ob={ob} (ob must be a multiple of 8)")
+    return y
