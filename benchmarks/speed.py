@@ -7,18 +7,23 @@ the models are timed in turn (interleaved) with ``pgb.bench``; the JSON goes to
 Usage:
     python benchmarks/speed.py --case NAME COMPRESSED TEACHER [STRUCTURED] [--case ...]
         [--shapes 32x128,1x128] [--threads 2] [--repeats 30] [--reuse-memory] [--rounds R]
-        [--compile [BACKEND]] [--out benchmarks/results/speed.json]
+        [--compile [BACKEND]] [--native-ab] [--out benchmarks/results/speed.json]
 
 --reuse-memory runs every model under ``pgb.bench.keep_freed_memory()`` (glibc keeps
 freed memory, so forwards do not page-fault fresh memory in). --compile times every model
 (teacher and structured too) through ``torch.compile``, inductor unless a backend is named.
+--native-ab runs every case twice in each round, first with PyTorch's kernels only
+(``PGB_NATIVE=0``) then with pgb's native kernel, as cases "NAME torch-kernels" and
+"NAME native": an interleaved before/after of the kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from pgb import native
 from pgb.bench import bench_folders, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +72,27 @@ def run_case(name: str, folders: list[str], shapes: list[tuple[int, int]], threa
                           if k in record}), flush=True)
         out.append(record)
     return out
+
+
+@contextlib.contextmanager
+def native_kernel(enabled: bool | None):
+    """Grouped layers with (True) or without (False) the native kernel; None: as set."""
+    if enabled is None:
+        yield
+        return
+    before = os.environ.get("PGB_NATIVE")
+    os.environ["PGB_NATIVE"] = "1" if enabled else "0"
+    native.reset()
+    try:
+        if enabled and not native.available():
+            raise SystemExit(f"--native-ab: no native kernel here ({native.unavailable_reason()})")
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PGB_NATIVE", None)
+        else:
+            os.environ["PGB_NATIVE"] = before
+        native.reset()
 
 
 def _ratio(values: list[float]) -> str:
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and ranges (this machine's speed drifts over minutes)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="time every model through torch.compile (inductor unless named)")
+    p.add_argument("--native-ab", action="store_true",
+                   help="each case with PyTorch's kernels, then with the native kernel")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -148,12 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.case:
         if not 3 <= len(case) <= 4:
             p.error(f"--case takes NAME COMPRESSED TEACHER [STRUCTURED], got {case}")
+    variants = [(" torch-kernels", False), (" native", True)] if args.native_ab \
+        else [("", None)]
     records = []
     for round_ in range(args.rounds):  # peak memory does not drift: measured once
         for case in args.case:
-            records += run_case(case[0], case[1:], shapes, args.threads, args.repeats,
-                                args.reuse_memory, memory=round_ == 0, round_=round_,
-                                compile_backend=args.compile)
+            for suffix, enabled in variants:
+                with native_kernel(enabled):
+                    records += run_case(case[0] + suffix, case[1:], shapes, args.threads,
+                                        args.repeats, args.reuse_memory, memory=round_ == 0,
+                                        round_=round_, compile_backend=args.compile)
     out = Path(args.out)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                "command": " ".join(["python", *sys.argv]),

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import native
 from .flops import count_params, flops
 
 log = logging.getLogger(__name__)
@@ -178,18 +179,20 @@ def bench_folders(folders: dict[str, str], batch_size: int, seq_len: int,
     return out
 
 
-SETTINGS = ("batch_size", "seq_len", "threads", "device", "torch")  # of the bench run
+SETTINGS = ("batch_size", "seq_len", "threads", "device", "torch", "native_kernel")  # the run's
 
 
 def summarize(res: dict[str, dict], batch_size: int, seq_len: int, threads, device) -> dict:
     """The flat JSON object ``pgb bench`` prints: compressed figures, others prefixed.
 
     ``speedup`` is baseline latency / compressed latency; ``structured_speedup`` is
-    baseline latency / structured latency.
+    baseline latency / structured latency. ``native_kernel``: whether grouped layers could
+    use pgb's native CPU kernel (:mod:`pgb.native`) in this process.
     """
     summary = dict(res["compressed"])
     summary.update({"batch_size": batch_size, "seq_len": seq_len, "threads": threads,
-                    "device": device, "torch": torch.__version__})
+                    "device": device, "torch": torch.__version__,
+                    "native_kernel": native.available()})
     for k, v in res.get("baseline", {}).items():
         summary[f"baseline_{k}"] = v
     if "baseline" in res:

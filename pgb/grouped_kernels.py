@@ -28,12 +28,17 @@ from . import native
 STRATEGIES = ("auto", "reference", "bands", "batched", "conv", "native")
 
 # "auto" uses "native" (pgb's own AVX2 kernel, where it is available and fits) up to
-# NATIVE_TOKENS tokens; otherwise "batched" up to SMALL_TOKENS tokens (twice as many when
-# the output is the narrower side), "conv" (all blocks kept, CPU with oneDNN) or else
-# "bands" above. Measured batched/bands crossover on 2 threads for MiniLM shapes at
-# G = 2..8: 256-384 tokens for 384->1536 and 384->384, ~512 for 1536->384.
+# NATIVE_TOKENS tokens, and above that for blocks at most NATIVE_MAX_IB inputs and a
+# multiple of 16 outputs wide (short products, where oneDNN's per-block overhead shows:
+# 384->1536 at G = 8, 4,096 tokens, 4.8 ms against 5.5 ms for "conv"; 1536->384 at G = 8,
+# ib 192, 5.7 against 4.7 ms: grouped_linear_native4096_epyc.md, grouped_linear_native_epyc.md).
+# Otherwise "batched" up to SMALL_TOKENS tokens (twice as many when the output is the
+# narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
+# Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384
+# tokens for 384->1536 and 384->384, ~512 for 1536->384.
 SMALL_TOKENS = 256
 NATIVE_TOKENS = 1024
+NATIVE_MAX_IB = 64
 
 _SCRATCH = threading.local()
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -104,7 +109,8 @@ class BlockKernels:
             strategy = "auto"  # another CPU, no compiler, or a shape it does not take
         if strategy != "auto":
             return strategy
-        if xb.shape[0] <= NATIVE_TOKENS and self._native_fits(xb):
+        short = self.ib <= NATIVE_MAX_IB and self.ob % 16 == 0
+        if (xb.shape[0] <= NATIVE_TOKENS or short) and self._native_fits(xb):
             return "native"
         # "bands" writes every block once, in place; "batched" adds a (Gk, N, ob)
         # temporary and a transposing pass, which pays off at few tokens; oneDNN's

@@ -17,6 +17,10 @@ Kernel strategies (all compute the same function; ``GroupedLinear.strategy``):
   it took 1-35% less time than "bands" (``benchmarks/results/grouped_linear_conv_epyc.md``
   against ``grouped_linear_bands_epyc.md``); at 128 tokens it was slower than "batched"
   in exploration, so "auto" keeps "batched" there.
+- ``"native"``: pgb's own AVX2 + FMA kernel (``pgb/csrc``, built on first use, see
+  :mod:`pgb.native`): register tiles straight from the input and the weight, bias fused,
+  written once into the output. Float32 on x86-64 CPUs, block outputs a multiple of 8
+  wide; fastest up to about a thousand tokens, so "auto" takes it there when it is built.
 - ``"reference"``: differentiable and exportable ops only. Used whenever autograd needs
   a graph, and under ``torch.onnx.export`` / ``torch.export``.
 

@@ -80,6 +80,8 @@ def test_bench_export_report(pipeline_dirs, tmp_path, capsys):
               "--batch-size", "2", "--seq-len", "16", "--repeats", "2", "--threads", "1",
               "--reuse-memory")
     assert out["reuse_memory"] is True and out["compile_backend"] is None
+    from pgb import native
+    assert out["native_kernel"] is native.available()
     for key in ("latency_ms", "baseline_latency_ms", "speedup", "params", "baseline_params",
                 "checkpoint_bytes", "baseline_checkpoint_bytes", "peak_memory_mb"):
         assert key in out

@@ -3,8 +3,11 @@ runs, and a clean fallback to the PyTorch kernels where it cannot be had."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from test_surgery import compacted, logits
 from tiny import tiny_batch, tiny_config
 
 from pgb import native
-from pgb.grouped_kernels import NATIVE_TOKENS, BlockLayout
+from pgb.grouped_kernels import NATIVE_MAX_IB, NATIVE_TOKENS, BlockLayout
 from pgb.grouped_linear import GroupedLinear
 
 CAN_BUILD = (platform.machine().lower() in ("x86_64", "amd64")
@@ -78,12 +81,20 @@ def test_kernel_matches_float64_reference(threads, tokens, in_f, out_f, groups, 
 
 
 @needs_native
-def test_auto_picks_native_at_few_tokens_only():
+def test_auto_picks_native_at_few_tokens_and_for_short_blocks():
+    many = "conv" if torch.backends.mkldnn.is_available() else "bands"
+    layer = GroupedLinear(4 * 80, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)  # ib 80
+    with torch.no_grad():
+        assert layer.pick_strategy(torch.zeros(128, 320)) == "native"
+        assert layer.pick_strategy(torch.zeros(NATIVE_TOKENS, 320)) == "native"
+        assert layer.pick_strategy(torch.zeros(NATIVE_TOKENS + 1, 320)) == many
+    short = GroupedLinear(4 * NATIVE_MAX_IB, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)
+    narrow_short = GroupedLinear(4 * NATIVE_MAX_IB, 4 * 24, 4, [0, 1, 2, 3]).requires_grad_(False)
+    with torch.no_grad():
+        assert short.pick_strategy(torch.zeros(4096, 4 * NATIVE_MAX_IB)) == "native"
+        assert narrow_short.pick_strategy(torch.zeros(4096, 4 * NATIVE_MAX_IB)) == many
     layer = GroupedLinear(48, 192, 4, [0, 1, 2, 3]).requires_grad_(False)
     with torch.no_grad():
-        assert layer.pick_strategy(torch.zeros(128, 48)) == "native"
-        assert layer.pick_strategy(torch.zeros(NATIVE_TOKENS, 48)) == "native"
-        assert layer.pick_strategy(torch.zeros(NATIVE_TOKENS + 1, 48)) != "native"
         assert layer.pick_strategy(torch.zeros(128, 48, dtype=torch.float64)) == "batched"
         assert layer.pick_strategy(torch.zeros(48, 128).T) == "batched"  # column stride 128
     narrow = GroupedLinear(48, 12, 4, [0, 1, 2, 3]).requires_grad_(False)  # ob 3
@@ -163,3 +174,25 @@ def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="float32"):
         native.grouped_mm(torch.randn(4, 24, dtype=torch.float64),
                           torch.randn(3, 8, 8, dtype=torch.float64), None, 3, layout._slot)
+
+
+def test_speed_benchmark_switches_the_kernel_and_restores_the_setting(monkeypatch):
+    """``benchmarks/speed.py --native-ab``: each variant runs with its kernel setting."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    monkeypatch.setenv("PGB_NATIVE", "1")
+    native.reset()
+    with speed.native_kernel(False):
+        assert not native.available()
+    assert native.available() == CAN_BUILD
+    if CAN_BUILD:
+        with speed.native_kernel(True):
+            assert native.available()
+    else:
+        with pytest.raises(SystemExit, match="no native kernel here"), \
+                speed.native_kernel(True):
+            pass
+    assert os.environ["PGB_NATIVE"] == "1"
+    native.reset()
