@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 # STRATEGIES, _SCRATCH, _runs and release_scratch are re-exported (callers import them here)
+from . import native
 from .grouped_kernels import (  # noqa: F401
     _SCRATCH,
     STRATEGIES,
@@ -168,8 +169,11 @@ class GroupedLinear(BlockKernels, nn.Module):
             raise ValueError(f"kept lists {len(kept)} blocks but weight holds "
                              f"{self.weight.shape[0]}; load a state_dict saved with the same kept")
         self.set_layout(self.in_features, self.out_features, self.groups, kept)
+        # the native kernel reads the input through in_index itself (no gathered copy)
+        self._in_cols = None
         if self.in_index is not None:
-            _as_index(self.in_index, self.in_features, "in_index")
+            idx = _as_index(self.in_index, self.in_features, "in_index")
+            self._in_cols = idx.to(torch.int32).contiguous()
         if self.out_index is not None:
             idx = _as_index(self.out_index, self.out_features, "out_index")
             self._out_gather = torch.argsort(idx).to(self.out_index.device)
@@ -259,12 +263,16 @@ class GroupedLinear(BlockKernels, nn.Module):
             # the gathered input and the pre-scatter output never leave this call: on the
             # CPU they live in per-thread scratch (a fresh tensor per call costs page faults)
             n = x2.shape[0]
-            xb = x2 if in_index is None else torch.index_select(
-                x2, 1, in_index, out=_scratch(0, n, in_f, x2))
             # "conv" allocates its own output (handed back as a view); the others fill out
             out = None if out_gather is None or strategy == "conv" else \
                 _scratch(1, n, out_f, x2)
-            yb = self._run_fast(strategy, xb, weight, bias, out)
+            if strategy == "native" and in_index is not None:  # gathers as it reads
+                yb = native.grouped_mm(x2, weight, bias, self.groups, self._slot, out,
+                                       cols=self._in_cols)
+            else:
+                xb = x2 if in_index is None else torch.index_select(
+                    x2, 1, in_index, out=_scratch(0, n, in_f, x2))
+                yb = self._run_fast(strategy, xb, weight, bias, out)
         y = yb if out_gather is None else yb.index_select(1, out_gather)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 

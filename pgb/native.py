@@ -103,7 +103,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"building or loading {SOURCE.name} failed: {err}"
     fn = lib.pgb_grouped_mm
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, i64, p, p, p, i64, i32, i32, i32, p, i32]
+    fn.argtypes = [p, i64, i64, p, p, p, i64, i32, i32, i32, p, p, i32]
     fn.restype = i32
     return lib, None
 
@@ -135,11 +135,13 @@ def _build(compiler: str) -> Path:
 
 
 def grouped_mm(xb: Tensor, weight: Tensor, bias: Tensor | None, groups: int, slot: Tensor,
-               out: Tensor | None = None) -> Tensor:
+               out: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
     """Block-ordered ``xb`` (N, in) -> (N, out) through the native kernel (into ``out``
     when given). ``weight`` (kept, in/G, out/G); ``slot`` (G,) int32: each block's index in
     ``weight``, -1 for a dropped block. Float32 CPU tensors; ``xb`` and ``out`` with unit
-    column stride; out/G a multiple of 8."""
+    column stride; out/G a multiple of 8. ``cols`` (in,) int32, contiguous: ``xb`` is not
+    in block order, and block-ordered input i is read from its column ``cols[i]`` (the
+    gather ``xb[:, cols]`` done inside the kernel, with no copy)."""
     if not available():
         raise RuntimeError(f"the native grouped kernel is unavailable: {_state['why']}")
     if xb.dtype != torch.float32 or weight.dtype != torch.float32 or \
@@ -147,13 +149,18 @@ def grouped_mm(xb: Tensor, weight: Tensor, bias: Tensor | None, groups: int, slo
         raise TypeError("the native grouped kernel takes float32 tensors only")
     n = xb.shape[0]
     ib, ob = weight.shape[1], weight.shape[2]
+    if cols is not None and (cols.dtype != torch.int32 or not cols.is_contiguous()
+                             or cols.numel() != groups * ib):
+        raise ValueError(f"cols must be a contiguous int32 map of {groups * ib} input "
+                         f"columns, got {cols.dtype} of {cols.numel()}")
     y = xb.new_empty(n, groups * ob) if out is None else out
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     status = _state["lib"].pgb_grouped_mm(
         xb.data_ptr(), n, xb.stride(0), weight.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), groups, ib,
-        ob, slot.data_ptr(), torch.get_num_threads())
+        ob, slot.data_ptr(), None if cols is None else cols.data_ptr(),
+        torch.get_num_threads())
     if status:
         raise ValueError(f"native grouped kernel refused its arguments: N={n}, G={groups}, "
                          f"ib={ib}, ob={ob} (ob must be a multiple of 8)")

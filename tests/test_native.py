@@ -81,6 +81,30 @@ def test_kernel_matches_float64_reference(threads, tokens, in_f, out_f, groups, 
 
 
 @needs_native
+@pytest.mark.parametrize("tokens", [1, 7, 130])
+def test_kernel_gathers_its_input_through_a_column_map(tokens):
+    """``cols``: the kernel reads block-ordered input i from column cols[i] of x, as the
+    layer's in_index gather would, and the layer then skips its gathered copy."""
+    g = torch.Generator().manual_seed(tokens)
+    wide = torch.randn(tokens, 72 + 5, generator=g)
+    x = wide[:, :72]  # rows of stride 77
+    perm = torch.randperm(72, generator=g)
+    layout = BlockLayout(72, 48, 3, (0, 2))
+    weight = torch.randn(2, 24, 16, generator=g)
+    bias = torch.randn(48, generator=g)
+    y = native.grouped_mm(x, weight, bias, 3, layout._slot, cols=perm.to(torch.int32))
+    torch.testing.assert_close(y, _reference(layout, x[:, perm], weight, bias),
+                               atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="contiguous int32 map of 72"):
+        native.grouped_mm(x, weight, bias, 3, layout._slot, cols=perm)  # int64
+    layer = GroupedLinear(72, 48, 3, [0, 2], in_index=perm).requires_grad_(False)
+    w_dense, b_dense = layer.to_dense()
+    with torch.no_grad():
+        assert layer.pick_strategy(x) == "native"
+        torch.testing.assert_close(layer(x), x @ w_dense.T + b_dense, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
 def test_auto_picks_native_at_few_tokens_and_for_short_blocks():
     many = "conv" if torch.backends.mkldnn.is_available() else "bands"
     layer = GroupedLinear(4 * 80, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)  # ib 80

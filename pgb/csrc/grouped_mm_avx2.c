@@ -6,7 +6,8 @@
  * x: n rows of stride ldx (floats), block-ordered input; w: (kept, ib, ob) contiguous;
  * bias: out = groups*ob floats or NULL; y: n rows of stride ldy. slot[g] is block g's
  * index in w, or -1 when the block is dropped (its outputs are the bias, or 0).
- * ob must be a multiple of 8.
+ * ob must be a multiple of 8. Optionally the input is gathered on the fly through a
+ * column map (the layer's in_index), so the caller need not copy x into block order.
  *
  * Why a kernel of our own: at a few hundred tokens and G = 4..8 a block's product is
  * small (ib 48, ob 192 at G = 8 in MiniLM), and BLAS and oneDNN spend much of their time
@@ -25,47 +26,60 @@
 #define ROWS 6          /* output rows per tile */
 #define STRIP 96        /* rows per work item: a block's input strip stays in cache */
 
-#define FMA16(r) { __m256 a = _mm256_broadcast_ss(ap[r] + k); \
+/* One tile: rows ap[0..5] (pointers into x), 16 columns of b (row stride ldb),
+ * k = 0..kdim-1, reading input column COL(k) of each row; stores the first `rows` rows
+ * into c. Two versions: inputs in place (COL(k) = k, ap at the block's first input) and
+ * inputs gathered through a column map (COL(k) = col[k], ap at the row's start), which
+ * spares the caller a gathered copy of x. */
+#define FMA16(r, COL) { __m256 a = _mm256_broadcast_ss(ap[r] + COL); \
     c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0); c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1); }
-#define FMA8(r) { __m256 a = _mm256_broadcast_ss(ap[r] + k); \
+#define FMA8(r, COL) { __m256 a = _mm256_broadcast_ss(ap[r] + COL); \
     c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0); }
 
-/* One tile: rows ap[0..5] (pointers into x at the block's first input), 16 columns of
- * b (row stride ldb), k = 0..kdim-1; stores the first `rows` rows into c. */
-static void tile16(const float *const *ap, const float *b, ptrdiff_t ldb, int kdim,
-                   const float *bias, float *c, ptrdiff_t ldc, int rows) {
-    __m256 i0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    __m256 i1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-    __m256 c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1,
-           c30 = i0, c31 = i1, c40 = i0, c41 = i1, c50 = i0, c51 = i1;
-    for (int k = 0; k < kdim; ++k) {
-        __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
-        FMA16(0) FMA16(1) FMA16(2) FMA16(3) FMA16(4) FMA16(5)
-    }
-    __m256 acc[2 * ROWS] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-    for (int r = 0; r < rows; ++r) {
-        _mm256_storeu_ps(c + r * ldc, acc[2 * r]);
-        _mm256_storeu_ps(c + r * ldc + 8, acc[2 * r + 1]);
-    }
+#define DEFINE_TILES(NAME16, NAME8, COL)                                                  \
+static void NAME16(const float *const *ap, const int32_t *col, const float *b,            \
+                   ptrdiff_t ldb, int kdim, const float *bias, float *c, ptrdiff_t ldc,   \
+                   int rows) {                                                            \
+    (void)col;                                                                            \
+    __m256 i0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();                      \
+    __m256 i1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();                  \
+    __m256 c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1,                    \
+           c30 = i0, c31 = i1, c40 = i0, c41 = i1, c50 = i0, c51 = i1;                    \
+    for (int k = 0; k < kdim; ++k) {                                                      \
+        __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);  \
+        FMA16(0, COL) FMA16(1, COL) FMA16(2, COL) FMA16(3, COL) FMA16(4, COL)             \
+        FMA16(5, COL)                                                                     \
+    }                                                                                     \
+    __m256 acc[2 * ROWS] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};  \
+    for (int r = 0; r < rows; ++r) {                                                      \
+        _mm256_storeu_ps(c + r * ldc, acc[2 * r]);                                        \
+        _mm256_storeu_ps(c + r * ldc + 8, acc[2 * r + 1]);                                \
+    }                                                                                     \
+}                                                                                         \
+/* the last 8 columns of a block whose width is 8 more than a multiple of 16 */           \
+static void NAME8(const float *const *ap, const int32_t *col, const float *b,             \
+                  ptrdiff_t ldb, int kdim, const float *bias, float *c, ptrdiff_t ldc,    \
+                  int rows) {                                                             \
+    (void)col;                                                                            \
+    __m256 i0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();                       \
+    __m256 c00 = i0, c10 = i0, c20 = i0, c30 = i0, c40 = i0, c50 = i0;                    \
+    for (int k = 0; k < kdim; ++k) {                                                      \
+        __m256 b0 = _mm256_loadu_ps(b + k * ldb);                                         \
+        FMA8(0, COL) FMA8(1, COL) FMA8(2, COL) FMA8(3, COL) FMA8(4, COL) FMA8(5, COL)     \
+    }                                                                                     \
+    __m256 acc[ROWS] = {c00, c10, c20, c30, c40, c50};                                    \
+    for (int r = 0; r < rows; ++r) _mm256_storeu_ps(c + r * ldc, acc[r]);                 \
 }
 
-/* The same for the last 8 columns of a block whose width is 8 more than a multiple of 16. */
-static void tile8(const float *const *ap, const float *b, ptrdiff_t ldb, int kdim,
-                  const float *bias, float *c, ptrdiff_t ldc, int rows) {
-    __m256 i0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    __m256 c00 = i0, c10 = i0, c20 = i0, c30 = i0, c40 = i0, c50 = i0;
-    for (int k = 0; k < kdim; ++k) {
-        __m256 b0 = _mm256_loadu_ps(b + k * ldb);
-        FMA8(0) FMA8(1) FMA8(2) FMA8(3) FMA8(4) FMA8(5)
-    }
-    __m256 acc[ROWS] = {c00, c10, c20, c30, c40, c50};
-    for (int r = 0; r < rows; ++r) _mm256_storeu_ps(c + r * ldc, acc[r]);
-}
+DEFINE_TILES(tile16, tile8, k)
+DEFINE_TILES(tile16_gather, tile8_gather, col[k])
 
-/* Returns 0, or 1 when the arguments are out of what the kernel handles (nothing done). */
+/* cols: NULL (x is in block order), or the input column each block-ordered input reads
+ * (groups * ib entries, each in [0, ldx)): x[n, cols[i]] stands for block-ordered input i.
+ * Returns 0, or 1 when the arguments are out of what the kernel handles (nothing done). */
 int pgb_grouped_mm(const float *x, int64_t n, int64_t ldx, const float *w,
                    const float *bias, float *y, int64_t ldy, int groups, int ib, int ob,
-                   const int32_t *slot, int threads) {
+                   const int32_t *slot, const int32_t *cols, int threads) {
     if (n < 0 || groups < 1 || ib < 1 || ob < 8 || ob % 8 || threads < 1)
         return 1;
     int64_t strips = (n + STRIP - 1) / STRIP, items = strips * groups;
@@ -83,7 +97,9 @@ int pgb_grouped_mm(const float *x, int64_t n, int64_t ldx, const float *w,
             }
             continue;
         }
-        const float *wg = w + (int64_t)slot[g] * ib * ob, *xg = x + (int64_t)g * ib;
+        const float *wg = w + (int64_t)slot[g] * ib * ob;
+        const int32_t *cg = cols ? cols + (int64_t)g * ib : NULL;
+        const float *xg = cols ? x : x + (int64_t)g * ib;  /* where a row's reads start */
         for (int j = 0; j < ob; j += 16) {  /* a 16-column slice of w stays in L1 */
             for (int64_t r = r0; r < r1; r += ROWS) {
                 int rows = r1 - r < ROWS ? (int)(r1 - r) : ROWS;
@@ -91,10 +107,14 @@ int pgb_grouped_mm(const float *x, int64_t n, int64_t ldx, const float *w,
                 for (int q = 0; q < ROWS; ++q)
                     ap[q] = xg + (r + (q < rows ? q : rows - 1)) * ldx;
                 const float *bj = bg ? bg + j : NULL;
-                if (ob - j >= 16)
-                    tile16(ap, wg + j, ob, ib, bj, yg + r * ldy + j, ldy, rows);
-                else
-                    tile8(ap, wg + j, ob, ib, bj, yg + r * ldy + j, ldy, rows);
+                float *cj = yg + r * ldy + j;
+                if (ob - j >= 16) {
+                    if (cg) tile16_gather(ap, cg, wg + j, ob, ib, bj, cj, ldy, rows);
+                    else tile16(ap, NULL, wg + j, ob, ib, bj, cj, ldy, rows);
+                } else {
+                    if (cg) tile8_gather(ap, cg, wg + j, ob, ib, bj, cj, ldy, rows);
+                    else tile8(ap, NULL, wg + j, ob, ib, bj, cj, ldy, rows);
+                }
             }
         }
     }
