@@ -5,7 +5,9 @@ index maps), the PyTorch kernel "auto" would take without the native kernel ("co
 every block is kept, else "bands"; "batched" at few tokens) and the native kernel run in
 turn, ``--reps`` times each after warm-up; per layer shape the median milliseconds, and
 over the whole model the sums: PyTorch kernels only, native everywhere, and the choice
-"auto" makes. Results go to ``--out`` (JSON) and a Markdown table beside it.
+"auto" makes. Layers that gather their input (``in_index``) are also timed through the
+native kernel both ways: after a gathered copy (``index_select``) and gathering as it
+reads (``cols``). Results go to ``--out`` (JSON) and a Markdown table beside it.
 
 Usage: python benchmarks/layers_native_ab.py MODEL_DIR [--tokens 4096 128] [--reps 15]
     [--threads 2] [--out benchmarks/results/layers_native_ab.json]
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -40,6 +43,11 @@ def torch_kernel(layer: GroupedLinear, tokens: int) -> str:
     return "conv" if layer._all_kept and torch.backends.mkldnn.is_available() else "bands"
 
 
+def _copy_gather(layer: GroupedLinear, x: torch.Tensor) -> torch.Tensor:
+    xb = x.index_select(1, layer.in_index)
+    return native.grouped_mm(xb, layer.weight, layer.bias, layer.groups, layer._slot)
+
+
 def measure(model, tokens: int, reps: int) -> dict:
     rows: dict[tuple, list] = {}
     totals = {"torch": 0.0, "native": 0.0, "auto": 0.0}
@@ -49,14 +57,21 @@ def measure(model, tokens: int, reps: int) -> dict:
                 continue
             xb = torch.randn(tokens, layer.in_features)
             kernels = {"torch": torch_kernel(layer, tokens), "native": "native"}
-            times = {k: [] for k in kernels}
+            calls = {name: functools.partial(layer._run_fast, kernel, xb, layer.weight,
+                                             layer.bias) for name, kernel in kernels.items()}
+            if layer.in_index is not None:
+                calls["copy_gather"] = functools.partial(_copy_gather, layer, xb)
+                calls["fused_gather"] = functools.partial(
+                    native.grouped_mm, xb, layer.weight, layer.bias, layer.groups,
+                    layer._slot, cols=layer._in_cols)
+            times = {k: [] for k in calls}
             for _ in range(3):
-                for kernel in kernels.values():
-                    layer._run_fast(kernel, xb, layer.weight, layer.bias)
+                for call in calls.values():
+                    call()
             for _ in range(reps):
-                for name, kernel in kernels.items():
+                for name, call in calls.items():
                     start = time.perf_counter()
-                    layer._run_fast(kernel, xb, layer.weight, layer.bias)
+                    call()
                     times[name].append(time.perf_counter() - start)
             ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
             auto = layer._fast_strategy(xb, "auto")
@@ -67,8 +82,10 @@ def measure(model, tokens: int, reps: int) -> dict:
             rows.setdefault(key, []).append(ms)
     shapes = [{"in": k[0], "out": k[1], "groups": k[2], "torch_kernel": k[3], "auto": k[4],
                "layers": len(v),
-               "torch_ms": statistics.median(m["torch"] for m in v),
-               "native_ms": statistics.median(m["native"] for m in v)}
+               **{f"{name}_ms": statistics.median(m[name] for m in v if name in m)
+                  for name in ("torch", "native", "copy_gather", "fused_gather")
+                  if any(name in m for m in v)},
+               "gathering_layers": sum("fused_gather" in m for m in v)}
               for k, v in sorted(rows.items())]
     return {"tokens": tokens, "shapes": shapes, "sum_ms": totals}
 
@@ -83,12 +100,16 @@ def table(result: dict) -> str:
              "tokens and for short blocks above.", ""]
     for run in result["runs"]:
         lines += [f"## {run['tokens']} tokens", "",
-                  "| shape | G | layers | PyTorch kernel | ms | native ms | auto takes |",
-                  "|---|---:|---:|---|---:|---:|---|"]
+                  "| shape | G | layers | PyTorch kernel | ms | native ms | auto takes | "
+                  "gathering layers | native after a gathered copy ms | native gathering "
+                  "as it reads ms |",
+                  "|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
         for r in run["shapes"]:
+            gathers = " | |" if "fused_gather_ms" not in r else \
+                f" {r['copy_gather_ms']:.3f} | {r['fused_gather_ms']:.3f} |"
             lines.append(f"| {r['in']}->{r['out']} | {r['groups']} | {r['layers']} | "
                          f"{r['torch_kernel']} | {r['torch_ms']:.3f} | {r['native_ms']:.3f} | "
-                         f"{r['auto']} |")
+                         f"{r['auto']} | {r['gathering_layers']} |{gathers}")
         s = run["sum_ms"]
         lines += ["", f"Sum over the model's grouped layers: PyTorch kernels {s['torch']:.2f} "
                   f"ms, native everywhere {s['native']:.2f} ms, auto {s['auto']:.2f} ms.", ""]

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from . import native
 from .grouped_kernels import (  # noqa: F401
     _SCRATCH,
+    NATIVE_TOKENS,
     STRATEGIES,
     BlockKernels,
     _runs,
@@ -266,7 +267,13 @@ class GroupedLinear(BlockKernels, nn.Module):
             # "conv" allocates its own output (handed back as a view); the others fill out
             out = None if out_gather is None or strategy == "conv" else \
                 _scratch(1, n, out_f, x2)
-            if strategy == "native" and in_index is not None:  # gathers as it reads
+            # the native kernel can gather as it reads: cheaper than a gathered copy up to
+            # NATIVE_TOKENS tokens, and above for outputs no wider than the input; a wide
+            # output's column tiles each read the scattered input again (384->1536 at
+            # 4,096 tokens, G = 12: 5.3 against 4.5 ms; 384->384, G = 6: 1.6 against 2.1
+            # ms; benchmarks/results/layers_native_ab_mrpc_s0.875.md)
+            if strategy == "native" and in_index is not None and (
+                    n <= NATIVE_TOKENS or out_f <= in_f):
                 yb = native.grouped_mm(x2, weight, bias, self.groups, self._slot, out,
                                        cols=self._in_cols)
             else:

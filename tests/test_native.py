@@ -105,6 +105,20 @@ def test_kernel_gathers_its_input_through_a_column_map(tokens):
 
 
 @needs_native
+@pytest.mark.parametrize("out_f", [64, 192])  # no wider than the input: gathers as it reads
+def test_gathering_layer_above_native_tokens_matches_dense(out_f):
+    """Above NATIVE_TOKENS a short-block layer still runs natively; a wide output gathers
+    into a copy first, a narrow one inside the kernel. Both equal the dense layer."""
+    layer = GroupedLinear(128, out_f, 4, [0, 1, 2, 3], in_index=torch.randperm(128))
+    layer.requires_grad_(False)
+    x = torch.randn(NATIVE_TOKENS + 76, 128)
+    w, b = layer.to_dense()
+    with torch.no_grad():
+        assert layer.pick_strategy(x) == "native"
+        torch.testing.assert_close(layer(x), x @ w.T + b, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
 def test_auto_picks_native_at_few_tokens_and_for_short_blocks():
     many = "conv" if torch.backends.mkldnn.is_available() else "bands"
     layer = GroupedLinear(4 * 80, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)  # ib 80
