@@ -29,18 +29,10 @@ import torch
 import pgb
 from pgb import native
 from pgb.bench import keep_freed_memory
-from pgb.grouped_kernels import NATIVE_TOKENS, SMALL_TOKENS
+from pgb.grouped_kernels import NATIVE_TOKENS
 from pgb.grouped_linear import GroupedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def torch_kernel(layer: GroupedLinear, tokens: int) -> str:
-    """What "auto" takes without the native kernel."""
-    small = SMALL_TOKENS * (2 if layer.in_features > layer.out_features else 1)
-    if tokens <= small:
-        return "batched"
-    return "conv" if layer._all_kept and torch.backends.mkldnn.is_available() else "bands"
 
 
 def _copy_gather(layer: GroupedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +48,7 @@ def measure(model, tokens: int, reps: int) -> dict:
             if not layer._kept:
                 continue
             xb = torch.randn(tokens, layer.in_features)
-            kernels = {"torch": torch_kernel(layer, tokens), "native": "native"}
+            kernels = {"torch": layer._torch_strategy(xb), "native": "native"}
             calls = {name: functools.partial(layer._run_fast, kernel, xb, layer.weight,
                                              layer.bias) for name, kernel in kernels.items()}
             if layer.in_index is not None:

@@ -112,6 +112,10 @@ class BlockKernels:
         short = self.ib <= NATIVE_MAX_IB and self.ob % 16 == 0
         if (xb.shape[0] <= NATIVE_TOKENS or short) and self._native_fits(xb):
             return "native"
+        return self._torch_strategy(xb)
+
+    def _torch_strategy(self, xb: Tensor) -> str:
+        """What "auto" takes among PyTorch's kernels (where the native one does not run)."""
         # "bands" writes every block once, in place; "batched" adds a (Gk, N, ob)
         # temporary and a transposing pass, which pays off at few tokens; oneDNN's
         # grouped convolution beats both from a few hundred tokens up on the CPU.
