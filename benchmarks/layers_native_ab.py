@@ -5,9 +5,11 @@ index maps), the PyTorch kernel "auto" would take without the native kernel ("co
 every block is kept, else "bands"; "batched" at few tokens) and the native kernel run in
 turn, ``--reps`` times each after warm-up; per layer shape the median milliseconds, and
 over the whole model the sums: PyTorch kernels only, native everywhere, and the choice
-"auto" makes. Layers that gather their input (``in_index``) are also timed through the
-native kernel both ways: after a gathered copy (``index_select``) and gathering as it
-reads (``cols``). Results go to ``--out`` (JSON) and a Markdown table beside it.
+"auto" makes. Layers that gather their input (``in_index``) are also timed with their
+gather: PyTorch's kernel after a gathered copy (``index_select``), and the native kernel
+both ways, after the copy and gathering as it reads (``cols``); the sums count each
+gathering layer with its gather. Results go to ``--out`` (JSON) and a Markdown table
+beside it.
 
 Usage: python benchmarks/layers_native_ab.py MODEL_DIR [--tokens 4096 128] [--reps 15]
     [--threads 2] [--out benchmarks/results/layers_native_ab.json]
@@ -35,9 +37,10 @@ from pgb.grouped_linear import GroupedLinear
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _copy_gather(layer: GroupedLinear, x: torch.Tensor) -> torch.Tensor:
-    xb = x.index_select(1, layer.in_index)
-    return native.grouped_mm(xb, layer.weight, layer.bias, layer.groups, layer._slot)
+def _copy_gather(layer: GroupedLinear, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's product after a gathered copy of its input (index_select)."""
+    return layer._run_fast(kernel, x.index_select(1, layer.in_index), layer.weight,
+                           layer.bias)
 
 
 def measure(model, tokens: int, reps: int) -> dict:
@@ -52,7 +55,9 @@ def measure(model, tokens: int, reps: int) -> dict:
             calls = {name: functools.partial(layer._run_fast, kernel, xb, layer.weight,
                                              layer.bias) for name, kernel in kernels.items()}
             if layer.in_index is not None:
-                calls["copy_gather"] = functools.partial(_copy_gather, layer, xb)
+                calls["torch_gather"] = functools.partial(_copy_gather, layer,
+                                                          kernels["torch"], xb)
+                calls["copy_gather"] = functools.partial(_copy_gather, layer, "native", xb)
                 calls["fused_gather"] = functools.partial(
                     native.grouped_mm, xb, layer.weight, layer.bias, layer.groups,
                     layer._slot, cols=layer._in_cols)
@@ -67,15 +72,23 @@ def measure(model, tokens: int, reps: int) -> dict:
                     times[name].append(time.perf_counter() - start)
             ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
             auto = layer._fast_strategy(xb, "auto")
-            totals["torch"] += ms["torch"]
-            totals["native"] += ms["native"]
-            totals["auto"] += ms["native"] if auto == "native" else ms["torch"]
+            gathers = layer.in_index is not None  # as the forward would, before the kernel
+            totals["torch"] += ms["torch_gather" if gathers else "torch"]
+            totals["native"] += ms["fused_gather" if gathers else "native"]
+            if auto != "native":
+                totals["auto"] += ms["torch_gather" if gathers else "torch"]
+            elif gathers:
+                totals["auto"] += ms["fused_gather" if layer.gathers_as_it_reads(auto)
+                                     else "copy_gather"]
+            else:
+                totals["auto"] += ms["native"]
             key = (layer.in_features, layer.out_features, layer.groups, kernels["torch"], auto)
             rows.setdefault(key, []).append(ms)
     shapes = [{"in": k[0], "out": k[1], "groups": k[2], "torch_kernel": k[3], "auto": k[4],
                "layers": len(v),
                **{f"{name}_ms": statistics.median(m[name] for m in v if name in m)
-                  for name in ("torch", "native", "copy_gather", "fused_gather")
+                  for name in ("torch", "native", "torch_gather", "copy_gather",
+                               "fused_gather")
                   if any(name in m for m in v)},
                "gathering_layers": sum("fused_gather" in m for m in v)}
               for k, v in sorted(rows.items())]
@@ -88,17 +101,20 @@ def table(result: dict) -> str:
              f"Model `{result['model']}`, {result['threads']} threads, torch "
              f"{result['torch']}, {result['date']}. Median ms per call of {result['reps']} "
              "interleaved runs per layer, median over the layers of a shape; sums over "
-             f"every grouped layer. \"auto\" takes the native kernel up to {NATIVE_TOKENS} "
-             "tokens and for short blocks above.", ""]
+             "every grouped layer, each gathering layer with its gather (PyTorch kernels: "
+             "after a gathered copy; native everywhere: gathering as it reads; auto: as the "
+             f"layer's forward does). \"auto\" takes the native kernel up to {NATIVE_TOKENS} "
+             "tokens, and above for blocks at least as wide out as in, or short ones.", ""]
     for run in result["runs"]:
         lines += [f"## {run['tokens']} tokens", "",
                   "| shape | G | layers | PyTorch kernel | ms | native ms | auto takes | "
-                  "gathering layers | native after a gathered copy ms | native gathering "
-                  "as it reads ms |",
-                  "|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+                  "gathering layers | PyTorch kernel after a gathered copy ms | native after "
+                  "a gathered copy ms | native gathering as it reads ms |",
+                  "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
         for r in run["shapes"]:
-            gathers = " | |" if "fused_gather_ms" not in r else \
-                f" {r['copy_gather_ms']:.3f} | {r['fused_gather_ms']:.3f} |"
+            gathers = " | | |" if "fused_gather_ms" not in r else \
+                f" {r['torch_gather_ms']:.3f} | {r['copy_gather_ms']:.3f} | " \
+                f"{r['fused_gather_ms']:.3f} |"
             lines.append(f"| {r['in']}->{r['out']} | {r['groups']} | {r['layers']} | "
                          f"{r['torch_kernel']} | {r['torch_ms']:.3f} | {r['native_ms']:.3f} | "
                          f"{r['auto']} | {r['gathering_layers']} |{gathers}")

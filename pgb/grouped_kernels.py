@@ -28,10 +28,12 @@ from . import native
 STRATEGIES = ("auto", "reference", "bands", "batched", "conv", "native")
 
 # "auto" uses "native" (pgb's own AVX2 kernel, where it is available and fits) up to
-# NATIVE_TOKENS tokens, and above that for blocks at most NATIVE_MAX_IB inputs and a
-# multiple of 16 outputs wide (short products, where oneDNN's per-block overhead shows:
-# 384->1536 at G = 8, 4,096 tokens, 4.8 ms against 5.5 ms for "conv"; 1536->384 at G = 8,
-# ib 192, 5.7 against 4.7 ms: grouped_linear_native4096_epyc.md, grouped_linear_native_epyc.md).
+# NATIVE_TOKENS tokens, and above that for blocks whose outputs are a multiple of 16 wide
+# and at least as many as their inputs, or at most NATIVE_MAX_IB inputs wide. Where a
+# block reads more than it writes (FFN-out, 1536->384), oneDNN's convolution stays ahead
+# at thousands of tokens (G = 8: 4.3 against 4.8 ms); elsewhere the native kernel is level
+# or ahead, and more so when it gathers the input as it reads (384->384 at G = 4, 4,096
+# tokens: 1.9 against 2.3 ms; layers_native_ab_*.md).
 # Otherwise "batched" up to SMALL_TOKENS tokens (twice as many when the output is the
 # narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
 # Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384
@@ -109,8 +111,8 @@ class BlockKernels:
             strategy = "auto"  # another CPU, no compiler, or a shape it does not take
         if strategy != "auto":
             return strategy
-        short = self.ib <= NATIVE_MAX_IB and self.ob % 16 == 0
-        if (xb.shape[0] <= NATIVE_TOKENS or short) and self._native_fits(xb):
+        wide = self.ob % 16 == 0 and (self.ib <= self.ob or self.ib <= NATIVE_MAX_IB)
+        if (xb.shape[0] <= NATIVE_TOKENS or wide) and self._native_fits(xb):
             return "native"
         return self._torch_strategy(xb)
 

@@ -45,7 +45,6 @@ from torch import Tensor, nn
 from . import native
 from .grouped_kernels import (  # noqa: F401
     _SCRATCH,
-    NATIVE_TOKENS,
     STRATEGIES,
     BlockKernels,
     _runs,
@@ -267,13 +266,7 @@ class GroupedLinear(BlockKernels, nn.Module):
             # "conv" allocates its own output (handed back as a view); the others fill out
             out = None if out_gather is None or strategy == "conv" else \
                 _scratch(1, n, out_f, x2)
-            # the native kernel can gather as it reads: cheaper than a gathered copy up to
-            # NATIVE_TOKENS tokens, and above for outputs no wider than the input; a wide
-            # output's column tiles each read the scattered input again (384->1536 at
-            # 4,096 tokens, G = 12: 5.3 against 4.5 ms; 384->384, G = 6: 1.6 against 2.1
-            # ms; benchmarks/results/layers_native_ab_mrpc_s0.875.md)
-            if strategy == "native" and in_index is not None and (
-                    n <= NATIVE_TOKENS or out_f <= in_f):
+            if self.gathers_as_it_reads(strategy):
                 yb = native.grouped_mm(x2, weight, bias, self.groups, self._slot, out,
                                        cols=self._in_cols)
             else:
@@ -282,6 +275,13 @@ class GroupedLinear(BlockKernels, nn.Module):
                 yb = self._run_fast(strategy, xb, weight, bias, out)
         y = yb if out_gather is None else yb.index_select(1, out_gather)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+
+    def gathers_as_it_reads(self, strategy: str) -> bool:
+        """Whether the forward hands the native kernel the input's column map instead of a
+        gathered copy: always cheaper where it runs (384->384 at G = 6, 4,096 tokens: 1.4
+        against 2.1 ms; 384->1536 at G = 12: 4.3 against 4.6;
+        benchmarks/results/layers_native_ab_*.md)."""
+        return strategy == "native" and self._in_cols is not None
 
     def pick_strategy(self, xb: Tensor) -> str:
         """The kernel used for input `xb` (N, in): "reference" when autograd or export

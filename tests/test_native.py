@@ -106,27 +106,36 @@ def test_kernel_gathers_its_input_through_a_column_map(tokens):
 
 
 @needs_native
-@pytest.mark.parametrize("out_f", [64, 192])  # no wider than the input: gathers as it reads
+@pytest.mark.parametrize("out_f", [64, 192])  # narrower and wider than the input
 def test_gathering_layer_above_native_tokens_matches_dense(out_f):
-    """Above NATIVE_TOKENS a short-block layer still runs natively; a wide output gathers
-    into a copy first, a narrow one inside the kernel. Both equal the dense layer."""
+    """Above NATIVE_TOKENS a short-block layer still runs natively and gathers its input
+    as it reads, whatever its output width; it equals the dense layer."""
     layer = GroupedLinear(128, out_f, 4, [0, 1, 2, 3], in_index=torch.randperm(128))
     layer.requires_grad_(False)
     x = torch.randn(NATIVE_TOKENS + 76, 128)
     w, b = layer.to_dense()
     with torch.no_grad():
         assert layer.pick_strategy(x) == "native"
+        assert layer.gathers_as_it_reads("native") and not layer.gathers_as_it_reads("conv")
         torch.testing.assert_close(layer(x), x @ w.T + b, atol=1e-5, rtol=1e-5)
+    assert not GroupedLinear(128, out_f, 4, [0, 1, 2, 3]).gathers_as_it_reads("native")
 
 
 @needs_native
-def test_auto_picks_native_at_few_tokens_and_for_short_blocks():
+def test_auto_picks_native_at_few_tokens_and_for_short_or_widening_blocks():
     many = "conv" if torch.backends.mkldnn.is_available() else "bands"
-    layer = GroupedLinear(4 * 80, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)  # ib 80
+    layer = GroupedLinear(4 * 80, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)  # ib 80 > ob
     with torch.no_grad():
         assert layer.pick_strategy(torch.zeros(128, 320)) == "native"
         assert layer.pick_strategy(torch.zeros(NATIVE_TOKENS, 320)) == "native"
         assert layer.pick_strategy(torch.zeros(NATIVE_TOKENS + 1, 320)) == many
+    for out_f in (4 * 80, 4 * 96):  # ib 80, ob 80 or 96: as wide out as in, or wider
+        widening = GroupedLinear(320, out_f, 4, [0, 1, 2, 3]).requires_grad_(False)
+        with torch.no_grad():
+            assert widening.pick_strategy(torch.zeros(4096, 320)) == "native"
+    odd = GroupedLinear(4 * 80, 4 * 88, 4, [0, 1, 2, 3]).requires_grad_(False)  # ob 88
+    with torch.no_grad():
+        assert odd.pick_strategy(torch.zeros(4096, 320)) == many
     short = GroupedLinear(4 * NATIVE_MAX_IB, 4 * 48, 4, [0, 1, 2, 3]).requires_grad_(False)
     narrow_short = GroupedLinear(4 * NATIVE_MAX_IB, 4 * 24, 4, [0, 1, 2, 3]).requires_grad_(False)
     with torch.no_grad():
