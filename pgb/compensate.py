@@ -28,7 +28,8 @@ FFN-out, then the refitted layer's output). A refitted matrix's inputs and weigh
 change again within its layer, so its output is recorded in the pass after its refit and
 replayed in the passes after that (``_Replay``), and so are the attention core and the FFN
 activation once all they run is final: the later passes only run what changed, and give
-the same tensors.
+the same tensors. A refitted matrix runs in its compact form (a ``GroupedLinear`` of its
+kept blocks, the same function up to float rounding), at about (1 - S) of the dense cost.
 
 Under ``torch.distributed`` every rank passes the whole calibration sample, accumulates the
 statistics of its shard and all-reduces them before solving, so every rank solves the same
@@ -49,6 +50,7 @@ from .arch import dims_of, get_arch, get_matrix, layer_module
 from .config import COMPENSATION_PRIORS as PRIORS
 from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
+from .grouped_linear import GroupedLinear
 from .recipe import Recipe, SublayerPlan
 from .trace import TeacherTrace, example_keys
 
@@ -113,7 +115,7 @@ def compensate(student: nn.Module, teacher: nn.Module, recipe: Recipe, batches: 
             all_reduce_sum(*_stat_tensors(stats))  # sums over every rank's shard
             for role in roles:
                 _refit(get_matrix(student, layer, role), stats[role], damping, prior)
-            replay.refitted(roles)
+            replay.refitted(roles, plan)
             if roles[-1] == "ffn_out":
                 with replay:
                     s_inputs = [_advance(layer_module(student, layer), i) for i in s_inputs]
@@ -152,6 +154,8 @@ class _Replay(contextlib.AbstractContextManager):
         modules = {CORE: base.get_submodule(spec.attn_core), ACT: base.get_submodule(spec.ffn_act)}
         self.linears = lambda role: (modules[role] if role in modules
                                      else get_matrix(student, layer, role))
+        self.student, self.layer = student, layer
+        self.compact: dict = {}  # role -> the compact forward of a refitted matrix
         # the role whose refit makes each module's output final, and the one giving its width
         core_after = "attn_out" if spec.attn_out_in_core else "value"
         self.derived = {core_after: (CORE, core_after), "ffn_in": (ACT, "ffn_in")}
@@ -164,8 +168,13 @@ class _Replay(contextlib.AbstractContextManager):
         self.outputs: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.bytes = 0
 
-    def refitted(self, roles: Iterable[str]) -> None:
+    def refitted(self, roles: Iterable[str], plan: SublayerPlan | None = None) -> None:
+        """Mark ``roles`` final; with their ``plan``, they run in compact form from now on."""
         roles = list(roles)
+        for role in roles if plan is not None else ():
+            compact = _compact(get_matrix(self.student, self.layer, role), plan, role)
+            if compact is not None:
+                self.compact[role] = compact
         for role, width_of in [(r, r) for r in roles] + [self.derived[r] for r in roles
                                                          if r in self.derived]:
             w = self.linears(width_of).weight
@@ -178,14 +187,18 @@ class _Replay(contextlib.AbstractContextManager):
         self.recording = {role: [] for role in self.pending}
         self.handles = [self.linears(role).register_forward_hook(self._record(role))
                         for role in self.pending]
-        for role, outs in self.outputs.items():  # an instance attribute shadows forward
-            self.linears(role).forward = self._replayer(outs)
+        # an instance attribute shadows forward: recorded outputs, else the compact form
+        shadows = {**self.compact, **{role: self._replayer(outs)
+                                      for role, outs in self.outputs.items()}}
+        for role, forward in shadows.items():
+            self.linears(role).forward = forward
+        self.shadowed = list(shadows)
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
-        for role in self.outputs:
+        for role in self.shadowed:
             del self.linears(role).forward
         for role, outs in self.recording.items():
             if len(outs) == self.batches:  # each batch ran it: replay from now on
@@ -209,6 +222,29 @@ class _Replay(contextlib.AbstractContextManager):
 
 
 CORE, ACT = "attn_core", "ffn_act"
+
+
+def _compact(linear: nn.Module, plan: SublayerPlan, role: str):
+    """The forward of a refitted matrix's compact form, or None where that is the dense
+    matrix itself (G = 1, every block kept, no permutation) or not an ``nn.Linear``."""
+    rows, cols = plan.bands(role)
+    kept = list(plan.matrices[role].kept)
+    permuted_rows = bool((rows != torch.arange(len(rows))).any())
+    permuted_cols = bool((cols != torch.arange(len(cols))).any())
+    if type(linear) is not nn.Linear or (plan.groups == 1 and kept and not permuted_rows
+                                         and not permuted_cols):
+        return None
+    grouped = GroupedLinear.from_dense(linear.weight, linear.bias, plan.groups, kept, rows,
+                                       cols, gather_input=permuted_cols,
+                                       scatter_output=permuted_rows)
+    grouped.requires_grad_(False)
+    return lambda x: run_compact(linear, grouped, x)
+
+
+def run_compact(linear: nn.Module, grouped: GroupedLinear, x: torch.Tensor) -> torch.Tensor:
+    """``linear``'s output through its compact form ``grouped`` (a module-level function, so
+    that tests can count the calls per matrix)."""
+    return grouped(x)
 
 
 def _first(out) -> torch.Tensor:

@@ -228,6 +228,13 @@ def test_replayed_outputs_give_the_same_weights(family, monkeypatch):
         return linear_forward(self, x)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    run_compact = comp.run_compact  # refitted matrices run in compact form
+
+    def counted_compact(linear, grouped, x):
+        runs[linear] = runs.get(linear, 0) + 1
+        return run_compact(linear, grouped, x)
+
+    monkeypatch.setattr(comp, "run_compact", counted_compact)
     # the attention core and the FFN activation: calls that entered their own forward
     spec, layer0 = get_arch(teacher), layer_module(teacher, 0)
     for path in (spec.attn_core, spec.ffn_act):
@@ -380,3 +387,38 @@ def test_trace_skips_left_padding_and_samples_over_its_budget(monkeypatch):
             tr = trace_mod.TeacherTrace(teacher)
             importance_scores(teacher, ragged(1), "fisher", progress=False, trace=tr)
             assert not any(tr.store)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_refitted_matrices_run_compact_and_give_the_dense_result(family, monkeypatch):
+    """After its refit a matrix runs as a GroupedLinear of its kept blocks, never as the
+    masked dense matrix; the weights equal those of a run through the dense matrices up to
+    float rounding (which the least squares carry on: about 3e-5 of the largest weight)."""
+    teacher = tiny_model(family)
+    recipe = make_recipe(teacher, 0.6, weak=("1.attn",))
+    batches = calib(3)
+    dense_runs = []
+    linear_forward = torch.nn.Linear.forward
+
+    def counted(self, x):
+        dense_runs.append(self)
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    results = []
+    for compact in (True, False):
+        if not compact:
+            monkeypatch.setattr(comp, "_compact", lambda *_args: None)
+        student = copy.deepcopy(teacher)
+        apply_masks(student, recipe)
+        dense_runs.clear()
+        compensate(student, teacher, recipe, batches, progress=False)
+        results.append(student.state_dict())
+        matrices = {get_matrix(student, layer, role)
+                    for layer in range(teacher.config.num_hidden_layers)
+                    for role in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")}
+        ran = matrices & set(dense_runs)
+        assert (not ran) if compact else ran
+    for name, w in results[0].items():  # least squares carry the rounding: relative 1e-4
+        other = results[1][name]
+        assert (w - other).abs().max() <= 1e-4 * other.abs().max(), name
