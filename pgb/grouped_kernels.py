@@ -33,7 +33,7 @@ STRATEGIES = ("auto", "reference", "bands", "batched", "conv", "native")
 # block reads more than it writes (FFN-out, 1536->384), oneDNN's convolution stays ahead
 # at thousands of tokens (G = 8: 4.3 against 4.8 ms); elsewhere the native kernel is level
 # or ahead, and more so when it gathers the input as it reads (384->384 at G = 4, 4,096
-# tokens: 1.9 against 2.3 ms; layers_native_ab_*.md).
+# tokens: 1.9 against 2.2 ms; layers_native_ab_*_wide.md).
 # Otherwise "batched" up to SMALL_TOKENS tokens (twice as many when the output is the
 # narrower side), "conv" (all blocks kept, CPU with oneDNN) or else "bands" above.
 # Measured batched/bands crossover on 2 threads for MiniLM shapes at G = 2..8: 256-384

@@ -278,9 +278,9 @@ class GroupedLinear(BlockKernels, nn.Module):
 
     def gathers_as_it_reads(self, strategy: str) -> bool:
         """Whether the forward hands the native kernel the input's column map instead of a
-        gathered copy: always cheaper where it runs (384->384 at G = 6, 4,096 tokens: 1.4
-        against 2.1 ms; 384->1536 at G = 12: 4.3 against 4.6;
-        benchmarks/results/layers_native_ab_*.md)."""
+        gathered copy: cheaper where it runs (384->384 at G = 6, 4,096 tokens: 1.5 against
+        2.4 ms; 384->1536 at G = 12: 4.2 against 4.9;
+        benchmarks/results/layers_native_ab_mrpc_s0.875_wide.md)."""
         return strategy == "native" and self._in_cols is not None
 
     def pick_strategy(self, xb: Tensor) -> str:
