@@ -52,6 +52,7 @@ from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
 from .grouped_linear import GroupedLinear
 from .recipe import Recipe, SublayerPlan
+from .surgery import is_identity
 from .trace import TeacherTrace, example_keys
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,6 @@ class _Replay(contextlib.AbstractContextManager):
         modules = {CORE: base.get_submodule(spec.attn_core), ACT: base.get_submodule(spec.ffn_act)}
         self.linears = lambda role: (modules[role] if role in modules
                                      else get_matrix(student, layer, role))
-        self.student, self.layer = student, layer
         self.compact: dict = {}  # role -> the compact forward of a refitted matrix
         # the role whose refit makes each module's output final, and the one giving its width
         core_after = "attn_out" if spec.attn_out_in_core else "value"
@@ -172,7 +172,7 @@ class _Replay(contextlib.AbstractContextManager):
         """Mark ``roles`` final; with their ``plan``, they run in compact form from now on."""
         roles = list(roles)
         for role in roles if plan is not None else ():
-            compact = _compact(get_matrix(self.student, self.layer, role), plan, role)
+            compact = _compact(self.linears(role), plan, role)
             if compact is not None:
                 self.compact[role] = compact
         for role, width_of in [(r, r) for r in roles] + [self.derived[r] for r in roles
@@ -229,14 +229,12 @@ def _compact(linear: nn.Module, plan: SublayerPlan, role: str):
     matrix itself (G = 1, every block kept, no permutation) or not an ``nn.Linear``."""
     rows, cols = plan.bands(role)
     kept = list(plan.matrices[role].kept)
-    permuted_rows = bool((rows != torch.arange(len(rows))).any())
-    permuted_cols = bool((cols != torch.arange(len(cols))).any())
-    if type(linear) is not nn.Linear or (plan.groups == 1 and kept and not permuted_rows
-                                         and not permuted_cols):
+    if type(linear) is not nn.Linear or (plan.groups == 1 and kept and is_identity(rows)
+                                         and is_identity(cols)):
         return None
     grouped = GroupedLinear.from_dense(linear.weight, linear.bias, plan.groups, kept, rows,
-                                       cols, gather_input=permuted_cols,
-                                       scatter_output=permuted_rows)
+                                       cols, gather_input=not is_identity(cols),
+                                       scatter_output=not is_identity(rows))
     grouped.requires_grad_(False)
     return lambda x: run_compact(linear, grouped, x)
 

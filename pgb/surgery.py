@@ -123,7 +123,7 @@ def stream_orders(recipe: Recipe) -> dict[Key, torch.Tensor | None]:
         plan = plans[key]
         if recipe.meta.get("shared_order") and plan.groups > 1 and not plan.dropped:
             perm = torch.tensor(next(iter(plan.matrices.values())).outer_perm)
-            current = None if _is_identity(perm) else perm
+            current = None if is_identity(perm) else perm
         orders[key] = current
     return orders
 
@@ -145,7 +145,7 @@ def _transition(src: torch.Tensor | None, dst: torch.Tensor | None) -> torch.Ten
     n = len(src if src is not None else dst)
     pos = torch.arange(n) if src is None else torch.argsort(src)
     idx = pos if dst is None else pos[dst]
-    return None if _is_identity(idx) else idx
+    return None if is_identity(idx) else idx
 
 
 def _reorder_stream(model: nn.Module, recipe: Recipe,
@@ -170,7 +170,7 @@ def _reorder_stream(model: nn.Module, recipe: Recipe,
                                                _transition(orders[(layer, kind)], nxt)))
 
 
-def _is_identity(perm: torch.Tensor) -> bool:
+def is_identity(perm: torch.Tensor) -> bool:
     return bool(torch.equal(perm.cpu(), torch.arange(len(perm))))
 
 
@@ -197,7 +197,7 @@ def _grouped(linear: nn.Linear, plan: SublayerPlan, role: str, shared: bool = Fa
         else:
             weight, bias = _in_order(weight, order), _in_order(bias, order)
         rows, cols = (rows, hidden) if inner_rows else (hidden, cols)
-    if plan.groups == 1 and kept and _is_identity(rows) and _is_identity(cols):
+    if plan.groups == 1 and kept and is_identity(rows) and is_identity(cols):
         # dense and unpermuted: the fastest kernel is nn.Linear itself
         if order is not None:  # its weights in stream order
             linear.weight.copy_(weight)
@@ -206,8 +206,8 @@ def _grouped(linear: nn.Linear, plan: SublayerPlan, role: str, shared: bool = Fa
         return linear
     return GroupedLinear.from_dense(
         weight, bias, plan.groups, list(kept), rows, cols,
-        gather_input=inner_rows and not _is_identity(cols),
-        scatter_output=not inner_rows and not _is_identity(rows))
+        gather_input=inner_rows and not is_identity(cols),
+        scatter_output=not inner_rows and not is_identity(rows))
 
 
 def _drop(model: nn.Module, plan: SublayerPlan, order: torch.Tensor | None = None) -> None:
