@@ -50,6 +50,7 @@ from .arch import dims_of, get_arch, get_matrix, layer_module
 from .config import COMPENSATION_PRIORS as PRIORS
 from .config import COMPENSATION_TARGETS as TARGETS
 from .distributed import all_reduce_sum, shard
+from .grouped_kernels import take_columns
 from .grouped_linear import GroupedLinear
 from .recipe import Recipe, SublayerPlan
 from .surgery import is_identity
@@ -453,8 +454,9 @@ def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
     st["tsum"] += t_sum
     if not st["blocks"]:
         return
-    cols, rows = _joined(st)
-    xs, ts = x.index_select(1, cols), target.index_select(1, rows)  # every block's, in turn
+    (cols, cols32), (rows, rows32) = _joined(st)
+    # every block's columns, in turn
+    xs, ts = take_columns(x, cols, cols32), take_columns(target, rows, rows32)
     i = j = 0
     for blk in st["blocks"]:
         k, r = len(blk["cols"]) - 1, len(blk["rows"])
@@ -470,14 +472,15 @@ def _accumulate(st: dict, x: torch.Tensor, target: torch.Tensor) -> None:
         cross[:, -1] += t_sum[blk["rows"]]
 
 
-def _joined(st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _joined(st: dict) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """The kept blocks' input columns and output rows, each concatenated block after block
-    (kept in ``st``): a batch is gathered once per role, not once per block. A column
-    gather costs several times a copy (``index_select``; ``x[:, cols]`` is ~5x slower
-    still), and one gather of all the columns costs less than many small ones."""
+    and also as int32 (for the native gather; kept in ``st``): a batch is gathered once
+    per role, not once per block. A column gather costs several times a copy, and one
+    gather of all the columns costs less than many small ones."""
     if "joined" not in st:
-        st["joined"] = (torch.cat([blk["cols"][:-1] for blk in st["blocks"]]),
-                        torch.cat([blk["rows"] for blk in st["blocks"]]))
+        st["joined"] = tuple((i, i.to(torch.int32)) for i in (
+            torch.cat([blk["cols"][:-1] for blk in st["blocks"]]),
+            torch.cat([blk["rows"] for blk in st["blocks"]])))
     return st["joined"]
 
 
@@ -522,6 +525,7 @@ class _AffineSums:
                     entry[1] = torch.zeros(len(entry[0]), len(entry[0]), **self.zeros)
                 keys = [cols for cols, _ in self.grams.values()]
                 self.joined = torch.cat(keys) if keys else None  # None: no kept block
+                self.joined32 = None if self.joined is None else self.joined.to(torch.int32)
         self.n += x.shape[0]
         self.tx += t_in.T @ x
         self.t_sum += t_in.sum(0)
@@ -531,7 +535,7 @@ class _AffineSums:
             return
         if self.joined is None:
             return
-        xs = x.index_select(1, self.joined)  # every K's columns, in turn: one gather
+        xs = take_columns(x, self.joined, self.joined32)  # every K's columns: one gather
         i = 0
         for cols, g in self.grams.values():
             _add_gram(g, xs[:, i:i + len(cols)])

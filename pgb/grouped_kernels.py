@@ -41,6 +41,9 @@ STRATEGIES = ("auto", "reference", "bands", "batched", "conv", "native")
 SMALL_TOKENS = 256
 NATIVE_TOKENS = 1024
 NATIVE_MAX_IB = 64
+# Column gathers of at least this many values go through the native gather (below, the
+# ~5 us of a ctypes call outweigh what it saves).
+NATIVE_GATHER = 32768
 
 _SCRATCH = threading.local()
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -71,6 +74,21 @@ def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
         with torch.inference_mode(False):  # usable in and out of inference mode
             buf = buffers[key] = torch.empty(rows * cols, dtype=like.dtype)
     return buf[:rows * cols].view(rows, cols)
+
+
+def take_columns(x: Tensor, index: Tensor, cols: Tensor | None = None,
+                 out: Tensor | None = None) -> Tensor:
+    """``x.index_select(1, index)`` for a 2-D ``x`` (into ``out`` when given), through the
+    native gather (:func:`pgb.native.gather_cols`) where it runs: float32 on the CPU, unit
+    column stride, no autograd, and at least NATIVE_GATHER values. ``cols``: ``index`` as
+    contiguous int32, when the caller keeps one. Same values either way."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(1) == 1
+            and x.shape[0] * index.numel() >= NATIVE_GATHER
+            and not (x.requires_grad and torch.is_grad_enabled()) and native.available()):
+        if cols is None:
+            cols = index.to(torch.int32).contiguous()
+        return native.gather_cols(x, cols, out)
+    return x.index_select(1, index) if out is None else torch.index_select(x, 1, index, out=out)
 
 
 def release_scratch() -> None:

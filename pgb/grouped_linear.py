@@ -51,6 +51,7 @@ from .grouped_kernels import (  # noqa: F401
     _scratch,
     grouped_mm,
     release_scratch,
+    take_columns,
 )
 
 
@@ -174,9 +175,11 @@ class GroupedLinear(BlockKernels, nn.Module):
         if self.in_index is not None:
             idx = _as_index(self.in_index, self.in_features, "in_index")
             self._in_cols = idx.to(torch.int32).contiguous()
+        self._out_cols = None
         if self.out_index is not None:
             idx = _as_index(self.out_index, self.out_features, "out_index")
             self._out_gather = torch.argsort(idx).to(self.out_index.device)
+            self._out_cols = self._out_gather.to(torch.int32).contiguous()
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init, with fan_in = in_features / groups (one block's)."""
@@ -259,6 +262,7 @@ class GroupedLinear(BlockKernels, nn.Module):
             xb = x2 if in_index is None else x2.index_select(1, in_index)
             yb = self._forward_reference(xb, weight, bias) if strategy == "reference" else \
                 grouped_mm(xb, weight, bias, self.groups, self._kept, self.strategy)
+            y = yb if out_gather is None else yb.index_select(1, out_gather)
         else:
             # the gathered input and the pre-scatter output never leave this call: on the
             # CPU they live in per-thread scratch (a fresh tensor per call costs page faults)
@@ -270,10 +274,10 @@ class GroupedLinear(BlockKernels, nn.Module):
                 yb = native.grouped_mm(x2, weight, bias, self.groups, self._slot, out,
                                        cols=self._in_cols)
             else:
-                xb = x2 if in_index is None else torch.index_select(
-                    x2, 1, in_index, out=_scratch(0, n, in_f, x2))
+                xb = x2 if in_index is None else take_columns(
+                    x2, in_index, self._in_cols, out=_scratch(0, n, in_f, x2))
                 yb = self._run_fast(strategy, xb, weight, bias, out)
-        y = yb if out_gather is None else yb.index_select(1, out_gather)
+            y = yb if out_gather is None else take_columns(yb, out_gather, self._out_cols)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
     def gathers_as_it_reads(self, strategy: str) -> bool:

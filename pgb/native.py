@@ -105,6 +105,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, i64, p, p, p, i64, i32, i32, i32, p, p, i32]
     fn.restype = i32
+    lib.pgb_gather_cols.argtypes = [p, i64, i64, p, i64, p, i64, i32]
+    lib.pgb_gather_cols.restype = i32
     return lib, None
 
 
@@ -164,4 +166,24 @@ def grouped_mm(xb: Tensor, weight: Tensor, bias: Tensor | None, groups: int, slo
     if status:
         raise ValueError(f"native grouped kernel refused its arguments: N={n}, G={groups}, "
                          f"ib={ib}, ob={ob} (ob must be a multiple of 8)")
+    return y
+
+
+def gather_cols(x: Tensor, cols: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x[:, cols]`` (into ``out`` when given) for a float32 CPU ``x`` (N, in) with unit
+    column stride; ``cols`` (k,) int32, contiguous, each in [0, in) (not checked: the
+    callers' maps are validated once, when built). The same values as
+    ``x.index_select(1, cols)``, 1.5-3x faster (see the C source)."""
+    if not available():
+        raise RuntimeError(f"the native grouped kernel is unavailable: {_state['why']}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        raise TypeError("gather_cols takes a 2-D float32 CPU tensor with unit column stride")
+    if cols.dtype != torch.int32 or not cols.is_contiguous():
+        raise ValueError(f"cols must be a contiguous int32 index, got {cols.dtype}")
+    n, k = x.shape[0], cols.numel()
+    y = x.new_empty(n, k) if out is None else out
+    if y.shape != (n, k) or y.dtype != torch.float32 or (k and y.stride(1) != 1):
+        raise ValueError(f"out must be a float32 ({n}, {k}) tensor with unit column stride")
+    _state["lib"].pgb_gather_cols(x.data_ptr(), n, x.stride(0), cols.data_ptr(), k,
+                                  y.data_ptr(), y.stride(0), torch.get_num_threads())
     return y

@@ -15,8 +15,8 @@ import transformers
 from test_surgery import compacted, logits
 from tiny import tiny_batch, tiny_config
 
-from pgb import native
-from pgb.grouped_kernels import NATIVE_MAX_IB, NATIVE_TOKENS, BlockLayout
+from pgb import grouped_kernels, native
+from pgb.grouped_kernels import NATIVE_MAX_IB, NATIVE_TOKENS, BlockLayout, take_columns
 from pgb.grouped_linear import GroupedLinear
 
 CAN_BUILD = (platform.machine().lower() in ("x86_64", "amd64")
@@ -212,6 +212,52 @@ def test_the_build_is_cached_and_reused(fresh, tmp_path):
     assert native.available()
     assert list((tmp_path / "native").glob("grouped_mm_*.so")) == built
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows, width, k", [(1, 5, 3), (7, 77, 77), (250, 131, 40),
+                                            (1601, 384, 384)])
+def test_column_gather_equals_index_select(threads, rows, width, k):
+    """``gather_cols`` = ``x.index_select(1, cols)`` exactly: rows past the last group of
+    four, a repeated column, strided input and output rows, 1 and 2 threads."""
+    g = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, width + 3, generator=g)[:, :width]  # rows of stride width + 3
+    cols = torch.randperm(width, generator=g)[:k]
+    cols[-1] = cols[0]
+    out = torch.full((rows, k + 2), float("nan"))[:, :k]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = native.gather_cols(x, cols.to(torch.int32), out=out)
+    finally:
+        torch.set_num_threads(before)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.equal(y, x.index_select(1, cols))
+    assert torch.equal(native.gather_cols(x, cols.to(torch.int32)), x.index_select(1, cols))
+    with pytest.raises(ValueError, match="int32"):
+        native.gather_cols(x, cols)
+    with pytest.raises(TypeError, match="float32"):
+        native.gather_cols(x.double(), cols.to(torch.int32))
+
+
+@needs_native
+def test_take_columns_uses_the_native_gather_only_where_it_may(monkeypatch):
+    """Large float32 CPU gathers go native; float64, autograd and small ones keep
+    index_select (gradients still flow); the values agree in every case."""
+    calls = []
+    real = native.gather_cols
+    monkeypatch.setattr(native, "gather_cols", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(300, 200)
+    idx = torch.randperm(200)
+    assert torch.equal(take_columns(x, idx), x.index_select(1, idx)) and len(calls) == 1
+    for other in (x.double(), x[:3]):
+        assert torch.equal(take_columns(other, idx), other.index_select(1, idx))
+    w = x.clone().requires_grad_(True)
+    take_columns(w, idx).sum().backward()
+    assert len(calls) == 1 and torch.equal(w.grad, torch.ones_like(w))
+    monkeypatch.setattr(grouped_kernels, "NATIVE_GATHER", 1)
+    assert torch.equal(take_columns(x[:3], idx), x[:3].index_select(1, idx)) and len(calls) == 2
 
 
 @needs_native
