@@ -22,10 +22,10 @@ import torch
 
 # A forward and backward pass costs about as much as this many extra (padded) tokens: a
 # batch is cut where the padding a cut saves outweighs the cost of one more pass. Measured
-# on MiniLM-L6, 2 threads: a pass costs ~21 ms plus ~0.46 ms per token (a 1 x 8 piece
-# 25 ms, 4 x 16 51 ms, 32 x 64 997 ms), so ~45 tokens; 64 keeps a margin for the
-# smaller products of short pieces. On 1,024 MRPC calibration examples in batches of 32:
-# 60,470 tokens in 107 passes, against 65,774 in 65 at 256 (54,845 real tokens).
+# on the MiniLM-L6 MRPC teacher, 2 threads (benchmarks/results/pass_cost_mrpc.md): a pass
+# costs ~15 ms plus ~0.47 ms per token, so ~32 tokens; the predicted Fisher pass over the
+# 1,024-example calibration sample is flat from 16 to 64 (30.0-30.2 s) and 32.0 s at 256.
+# 64 cuts the fewest times in that range.
 PASS_TOKENS = 64
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -52,17 +52,18 @@ def each_piece(batch: dict):
         yield piece, len(rows) / examples, i == len(pieces) - 1
 
 
-def split_rows(lengths: list[int]) -> list[list[int]]:
+def split_rows(lengths: list[int], pass_tokens: int | None = None) -> list[list[int]]:
     """Row indices of the pieces a batch of examples of these token ``lengths`` is run in:
-    the rows by length, cut to minimise padded tokens + ``PASS_TOKENS`` per pass (an exact
-    split, quadratic in the rows of one batch)."""
+    the rows by length, cut to minimise padded tokens + ``pass_tokens`` (default
+    ``PASS_TOKENS``) per pass (an exact split, quadratic in the rows of one batch)."""
+    pass_tokens = PASS_TOKENS if pass_tokens is None else pass_tokens
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     sorted_len = [lengths[i] for i in order]
     n = len(sorted_len)
     cost, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for j in range(1, n + 1):  # cost[j]: best split of the j shortest rows
         for i in range(j):
-            c = cost[i] + sorted_len[j - 1] * (j - i) + PASS_TOKENS
+            c = cost[i] + sorted_len[j - 1] * (j - i) + pass_tokens
             if c < cost[j]:
                 cost[j], cut[j] = c, i
     pieces, j = [], n
