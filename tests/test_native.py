@@ -239,6 +239,11 @@ def test_column_gather_equals_index_select(threads, rows, width, k):
         native.gather_cols(x, cols)
     with pytest.raises(TypeError, match="float32"):
         native.gather_cols(x.double(), cols.to(torch.int32))
+    for bad in (-1, width):  # outside x's columns (the row stride is wider): refused
+        wrong = cols.to(torch.int32)
+        wrong[-1] = bad
+        with pytest.raises(IndexError, match=f"outside \\[0, {width}\\)"):
+            native.gather_cols(x, wrong)
 
 
 @needs_native
