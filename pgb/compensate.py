@@ -509,6 +509,7 @@ class _AffineSums:
                 self.grams.setdefault(tuple(cols.tolist()), [cols, None])
         self.whole = None  # x^T x, where it is the cheaper way (decided at the first batch)
         self.joined = None  # else every K's columns, concatenated: one gather per batch
+        self.joined32 = None  # the same as int32, for the native gather
         self.tx = self.t_sum = self.x_sum = None  # sized by the first batch
         self.n = 0
 
@@ -524,8 +525,9 @@ class _AffineSums:
                 for entry in self.grams.values():
                     entry[1] = torch.zeros(len(entry[0]), len(entry[0]), **self.zeros)
                 keys = [cols for cols, _ in self.grams.values()]
-                self.joined = torch.cat(keys) if keys else None  # None: no kept block
-                self.joined32 = None if self.joined is None else self.joined.to(torch.int32)
+                if keys:  # else None: no kept block
+                    self.joined = torch.cat(keys)
+                    self.joined32 = self.joined.to(torch.int32)
         self.n += x.shape[0]
         self.tx += t_in.T @ x
         self.t_sum += t_in.sum(0)

@@ -127,11 +127,11 @@ int pgb_grouped_mm(const float *x, int64_t n, int64_t ldx, const float *w,
 }
 
 /* Column gather: out[r, j] = x[r, cols[j]] for r < n, j < k (x rows of stride ldx and
- * `width` columns, out rows of stride ldo; returns 2 for an index outside [0, width)). torch's index_select along dim 1 copies column by column; here
- * four rows are taken at a time, so each index is read once per four rows and every
- * store lands in a row being written in order: 2.3x faster on (2,000, 1,536) with a
- * permutation of its columns, 1.8x on (2,000, 384), 1.2x on (128, 384); 2 threads,
- * benchmarks/results/gather_cols.md. */
+ * `width` columns, out rows of stride ldo); returns 2 for an index outside [0, width).
+ * Four rows are taken at a time, so each index is read once per four rows and every
+ * store lands in a row being written in order. Against torch's index_select along dim 1:
+ * 2.3x faster on (2,000, 1,536) with a permutation of its columns, 1.8x on (2,000, 384),
+ * 1.2x on (128, 384); 2 threads, benchmarks/results/gather_cols.md. */
 int pgb_gather_cols(const float *x, int64_t n, int64_t ldx, int64_t width,
                     const int32_t *cols, int64_t k, float *out, int64_t ldo, int threads) {
     if (n < 0 || k < 0 || threads < 1)
