@@ -133,6 +133,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                        help=_field_help(CompressConfig, "refinetune_steps"))
     p.add_argument("--refinetune-lr", type=float, default=1e-4,
                    help=_field_help(CompressConfig, "refinetune_lr"))
+    p.add_argument("--refinetune-batch-size", type=int, default=32,
+                   help=_field_help(CompressConfig, "batch_size"))
     p.add_argument("--max-train-samples", type=int, help="re-finetune on a seeded subset")
     p.add_argument("--teacher-cache", metavar="DIR",
                    help=_field_help(CompressConfig, "teacher_cache"))

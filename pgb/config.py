@@ -183,6 +183,9 @@ class CompressConfig(_Base):
         if not self.refinetune_lr > 0:
             raise ValueError(f"refinetune_lr must be > 0, got {self.refinetune_lr}; e.g. "
                              "--refinetune-lr 1e-4")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}; e.g. "
+                             "--refinetune-batch-size 32")
 
     def budget_flag(self) -> str | None:
         """The command-line flag of a budget other than sparsity, or None."""

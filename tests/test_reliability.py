@@ -88,11 +88,11 @@ def teacher(tiny_dir, data_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def compress_argv(teacher_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    """Six re-finetuning steps over 3 batches per epoch, a checkpoint every 2 steps."""
+    """Six re-finetuning steps over 4 batches of 24 per epoch, a checkpoint every 2 steps."""
     return ["-q", "compress", "--model", str(teacher_dir), "--task", "sst2", "--data-dir",
             str(data_dir), "--out", str(out), "--sparsity", "0.5", "--calib-samples", "32",
-            "--max-train-samples", "96", "--refinetune-steps", "6", "--checkpoint-every", "2",
-            "--seed", "3", *extra]
+            "--max-train-samples", "96", "--refinetune-batch-size", "24", "--refinetune-steps",
+            "6", "--checkpoint-every", "2", "--seed", "3", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def sentences_logits(folder: Path) -> torch.Tensor:
     (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\), got 1.0"),
     (["--sparsity", "0.5", "--importance", "grad"], "unknown importance 'grad'"),
     (["--sparsity", "0.5", "--refinetune-lr", "0"], r"refinetune_lr must be > 0, got 0.0"),
+    (["--sparsity", "0.5", "--refinetune-batch-size", "0"], r"batch_size must be >= 1, got 0"),
     (["--sparsity", "0.5", "--task", "custom"], "--task custom needs --train-file"),
 ])
 def test_bad_compress_settings_fail_before_any_work(teacher, data_dir, tmp_path, capsys,
@@ -618,6 +619,7 @@ def test_report_records_versions_seed_and_config(reference):
     config = CompressConfig.from_dict(report["config"])  # complete: no unknown, none missing
     assert config.seed == 3 and config.sparsity == 0.5 and config.checkpoint_every == 2
     assert config.refinetune_steps == 6 and config.max_train_samples == 96
+    assert config.batch_size == 24
     assert report["config"] == json.loads((reference / "config.pgb.json").read_text())
     assert report["teacher"].endswith("teacher") and report["command"].startswith("pgb")
 
