@@ -6,7 +6,8 @@ teacher, the loss is ``kd_alpha * KD + (1 - kd_alpha) * task``; KD is the KL div
 temperature-softened logits (times T^2) for classification and QA, and the squared error to
 the teacher's prediction for regression, plus ``kd_hidden`` times the mean squared error
 between student and teacher layer outputs (hidden-state distillation). Each batch runs as
-length-sorted pieces (:mod:`pgb.pieces`): the same loss and gradient, less padding.
+length-sorted pieces (:mod:`pgb.pieces`): the same loss and gradient, less padding. On the
+CPU dropout draws its masks from pgb's native library (:mod:`pgb.dropout`).
 
 Under ``torch.distributed`` the model is wrapped in DDP and rank r takes batches
 r, r + world, ... of the same seeded order; resumable checkpoints hold model, optimizer,
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .config import TrainConfig
+from .dropout import fast_dropout
 from .pieces import each_piece
 from .surgery import hidden_state_orders
 from .teacher_cache import TeacherOutputs
@@ -125,22 +127,23 @@ def train(model: nn.Module, make_batches: Callable[[int], list], cfg: TrainConfi
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=state["step"], desc="training", disable=not progress or rank)
     milestones = Milestones(steps, state["step"])
-    while state["step"] < steps:
-        epoch, offset = divmod(state["step"], per_epoch)
-        batches = epoch_batches if epoch == 0 else make_batches(epoch)
-        for i in range(offset, per_epoch):
-            if state["step"] >= steps:
-                break
-            loss = _step(runner, teacher, batches[i * world + rank], cfg, device)
-            _update(model, opt, sched, cfg)
-            state = {"step": state["step"] + 1, "loss": loss}
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if not rank:
-                milestones.update(state["step"], loss)
-            if cfg.checkpoint_every and checkpoint_dir and \
-                    state["step"] % cfg.checkpoint_every == 0 and rank == 0:
-                _save_checkpoint(checkpoint_dir, model, opt, sched, state, run)
+    with fast_dropout(model):  # native dropout masks on CPU (pgb.dropout)
+        while state["step"] < steps:
+            epoch, offset = divmod(state["step"], per_epoch)
+            batches = epoch_batches if epoch == 0 else make_batches(epoch)
+            for i in range(offset, per_epoch):
+                if state["step"] >= steps:
+                    break
+                loss = _step(runner, teacher, batches[i * world + rank], cfg, device)
+                _update(model, opt, sched, cfg)
+                state = {"step": state["step"] + 1, "loss": loss}
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if not rank:
+                    milestones.update(state["step"], loss)
+                if cfg.checkpoint_every and checkpoint_dir and \
+                        state["step"] % cfg.checkpoint_every == 0 and rank == 0:
+                    _save_checkpoint(checkpoint_dir, model, opt, sched, state, run)
     bar.close()
     model.eval()
     return {"steps": state["step"], "final_loss": state["loss"],

@@ -107,6 +107,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     fn.restype = i32
     lib.pgb_gather_cols.argtypes = [p, i64, i64, i64, p, i64, p, i64, i32]
     lib.pgb_gather_cols.restype = i32
+    lib.pgb_dropout.argtypes = [p, p, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32]
+    lib.pgb_dropout.restype = i32
     return lib, None
 
 
@@ -190,4 +192,26 @@ def gather_cols(x: Tensor, cols: Tensor, out: Tensor | None = None) -> Tensor:
     if status == 2:
         raise IndexError(f"gather_cols: a column index is outside [0, {x.shape[1]}) "
                          f"(min {int(cols.min())}, max {int(cols.max())})")
+    return y
+
+
+def dropout_mask_apply(x: Tensor, p: float, seed: int, out: Tensor | None = None) -> Tensor:
+    """``x`` times a dropout mask of rate ``p`` scaled by 1 / (1 - p) (into ``out`` when
+    given), for a contiguous float32 CPU ``x`` of fewer than 2^32 values. The mask is a
+    function of ``seed`` (0 <= seed < 2^64) and of each value's position only, so the same
+    seed on the gradient gives the backward pass (see :mod:`pgb.dropout`)."""
+    if not available():
+        raise RuntimeError(f"the native grouped kernel is unavailable: {_state['why']}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise TypeError("dropout_mask_apply takes a contiguous float32 CPU tensor")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    y = torch.empty_like(x) if out is None else out
+    if y.shape != x.shape or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(x.shape)}")
+    threshold = min(round(p * 2 ** 32), 2 ** 32 - 1)
+    status = _state["lib"].pgb_dropout(x.data_ptr(), y.data_ptr(), x.numel(), seed, threshold,
+                                       1.0 / (1.0 - p), torch.get_num_threads())
+    if status:
+        raise ValueError(f"native dropout refused {x.numel()} values (at most 2^32 - 1)")
     return y

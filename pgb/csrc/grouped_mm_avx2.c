@@ -19,6 +19,7 @@
  * Built by pgb/native.py with -O3 -mavx2 -mfma -fopenmp; it uses the OpenMP runtime
  * torch has loaded (same soname), so it shares torch's thread pool. */
 #include <immintrin.h>
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -154,6 +155,58 @@ int pgb_gather_cols(const float *x, int64_t n, int64_t ldx, int64_t width,
             for (int64_t r = r0; r < n; ++r)
                 for (int64_t j = 0; j < k; ++j)
                     out[r * ldo + j] = x[r * ldx + cols[j]];
+        }
+    }
+    return 0;
+}
+
+/* Dropout with a counter-based mask: element i is kept when hash(seed, i) >= threshold
+ * (threshold = p * 2^32), y[i] = x[i] * scale if kept, else 0. The mask is a pure function
+ * of (seed, i), so the backward pass recomputes it from the seed instead of storing it,
+ * and the loop vectorises and runs on every thread, where torch's CPU dropout draws its
+ * Bernoulli numbers one by one from a serial generator. The hash is two rounds of the
+ * "lowbias32" integer finaliser (C. Wellons, hash-prospector), a bijection of 32-bit
+ * words, over the element index mixed with the two halves of the seed; n < 2^32. */
+static inline uint32_t pgb_mix32(uint32_t h) {
+    h ^= h >> 16; h *= 0x7feb352dU; h ^= h >> 15; h *= 0x846ca68bU; h ^= h >> 16;
+    return h;
+}
+
+static inline __m256i pgb_mix32x8(__m256i h) {
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x846ca68bU));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+int pgb_dropout(const float *x, float *y, int64_t n, uint64_t seed, uint32_t threshold,
+                float scale, int threads) {
+    if (n < 0 || n > (int64_t)UINT32_MAX || threads < 1)
+        return 1;
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const int64_t chunk = 16384, chunks = (n + chunk - 1) / chunk;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 65536)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t i = c * chunk, end = c + 1 < chunks ? i + chunk : n;
+        /* 8 at a time: keep when h >= threshold, an unsigned compare done as a signed one
+         * on both sides shifted by 2^31 */
+        const __m256i vk0 = _mm256_set1_epi32((int)k0), vk1 = _mm256_set1_epi32((int)k1);
+        const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+        const __m256i t = _mm256_xor_si256(_mm256_set1_epi32((int)threshold), sign);
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 vscale = _mm256_set1_ps(scale);
+        for (; i + 8 <= end; i += 8) {
+            __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)i), lane);
+            __m256i h = pgb_mix32x8(_mm256_add_epi32(pgb_mix32x8(_mm256_xor_si256(idx, vk0)),
+                                                     vk1));
+            __m256i drop = _mm256_cmpgt_epi32(t, _mm256_xor_si256(h, sign));
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vscale);
+            _mm256_storeu_ps(y + i, _mm256_andnot_ps(_mm256_castsi256_ps(drop), v));
+        }
+        for (; i < end; ++i) {
+            uint32_t h = pgb_mix32(pgb_mix32((uint32_t)i ^ k0) + k1);
+            y[i] = h >= threshold ? x[i] * scale : 0.0f;
         }
     }
     return 0;
