@@ -1,14 +1,17 @@
-"""Re-finetuning seconds per step of two code versions, interleaved, per task.
+"""Re-finetuning (or teacher fine-tuning) seconds per step of code versions, interleaved.
 
-Runs ``pgb -q compress ... --refinetune-steps N`` once per version and task (the versions
-alternate, so a slow spell of a shared machine hits both), importing ``pgb`` from each
-``--code`` checkout (PYTHONPATH, run outside the repository), and records the
+Runs ``pgb -q compress ... --refinetune-steps N`` once per version, task and round (the
+versions alternate, so a slow spell of a shared machine hits both), importing ``pgb`` from
+each ``--code`` checkout (PYTHONPATH, run outside the repository), and records the
 ``refinetune`` stage's seconds and steps from each report.json, with the metrics (which
-mean little after N steps). Writes ``--out`` (.json) and a table beside it (.md).
+mean little after N steps). ``--stage finetune`` times ``pgb -q finetune --max-steps N`` of
+the dense model instead (teacher fine-tuning; seconds from its metrics.json). Writes
+``--out`` (.json) and a table beside it (.md) with the median over rounds.
 
 Usage:
     python benchmarks/refinetune_ab.py --code before=/old/checkout --code after=.
         [--tasks sst2,mrpc,stsb,cola] [--models runs/base-minilm] [--steps 60] [--sparsity 0.5]
+        [--stage refinetune|finetune] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,18 +33,23 @@ def run(task: str, code: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(code).resolve()), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        cmd = ["pgb", "-q", "compress", "--model", str(Path(args.models).resolve() / task),
-               "--task", task, "--data-dir", str(Path(args.data_dir).resolve()),
-               "--sparsity", str(args.sparsity), "--calib-samples", "256",
-               "--max-train-samples", "4000",
-               "--refinetune-steps", str(args.steps), "--max-eval-samples", "200",
-               "--out", str(out)]
+        common = ["--model", str(Path(args.models).resolve() / task), "--task", task,
+                  "--data-dir", str(Path(args.data_dir).resolve()), "--max-train-samples",
+                  "4000", "--max-eval-samples", "200", "--out", str(out)]
+        if args.stage == "finetune":
+            cmd = ["pgb", "-q", "finetune", *common, "--max-steps", str(args.steps)]
+        else:
+            cmd = ["pgb", "-q", "compress", *common, "--sparsity", str(args.sparsity),
+                   "--calib-samples", "256", "--refinetune-steps", str(args.steps)]
         subprocess.run(cmd, check=True, cwd=tmp, env=env, capture_output=True, text=True)
-        report = json.loads((out / "report.json").read_text())
-    seconds = report["stage_seconds"]["refinetune"]
-    return {"task": task, "seconds": seconds, "steps": report["refinetune"]["steps"],
-            "seconds_per_step": seconds / report["refinetune"]["steps"],
-            "metrics": report["metrics"],
+        if args.stage == "finetune":
+            report = json.loads((out / "metrics.json").read_text())
+            seconds, steps = report["train"]["seconds"], report["train"]["steps"]
+        else:
+            report = json.loads((out / "report.json").read_text())
+            seconds, steps = report["stage_seconds"]["refinetune"], report["refinetune"]["steps"]
+    return {"task": task, "seconds": seconds, "steps": steps,
+            "seconds_per_step": seconds / steps, "metrics": report["metrics"],
             "command": " ".join(c if not c.startswith(tmp) else "OUT" for c in cmd)}
 
 
@@ -58,32 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("PGB_DATA_DIR", "../shared/data"))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--stage", choices=("refinetune", "finetune"), default="refinetune")
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refinetune_ab.json"))
     args = p.parse_args(argv)
     codes = dict(c.split("=", 1) for c in args.code)
     if len(codes) < 2:
         p.error("give at least two --code LABEL=PATH")
     rows = []
-    for task in args.tasks.split(","):
-        for label, code in codes.items():
-            rows.append({"label": label, "git_commit": commit_of(code), **run(task, code, args)})
-            print(json.dumps({k: rows[-1][k] for k in ("task", "label", "seconds_per_step")}),
-                  flush=True)
+    for rnd in range(args.rounds):
+        for task in args.tasks.split(","):
+            for label, code in codes.items():
+                rows.append({"label": label, "round": rnd, "git_commit": commit_of(code),
+                             **run(task, code, args)})
+                print(json.dumps({k: rows[-1][k] for k in ("task", "label", "round",
+                                                           "seconds_per_step")}), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "cpu_count": os.cpu_count(),
-            "models": args.models, "steps": args.steps, "sparsity": args.sparsity}
+            "models": args.models, "steps": args.steps, "stage": args.stage,
+            "rounds": args.rounds,
+            "sparsity": args.sparsity if args.stage == "refinetune" else None}
     out = Path(args.out)
     out.write_text(json.dumps({**meta, "runs": rows}, indent=2) + "\n")
     labels = list(codes)
-    lines = ["# Re-finetuning seconds per step (generated by benchmarks/refinetune_ab.py)", "",
-             f"{meta['cpu_count']} CPU cores, {meta['date']}, sparsity {args.sparsity:g}, "
-             f"{args.steps} steps of 32 per run, "
+    what = ("Teacher fine-tuning (dense model)" if args.stage == "finetune"
+            else f"Re-finetuning at sparsity {args.sparsity:g}")
+    lines = [f"# {what}: seconds per step (generated by benchmarks/refinetune_ab.py)", "",
+             f"{meta['cpu_count']} CPU cores, {meta['date']}, {args.steps} steps of 32 per run, "
+             f"median of {args.rounds} interleaved round(s), "
              f"models in `{args.models}`; versions: " + ", ".join(
                  f"{r['label']} = {(r['git_commit'] or '')[:7]}" for r in rows[:len(labels)]),
              "", "| task | " + " | ".join(f"{lb} s/step" for lb in labels) + " | ratio |",
              "|---|" + "---:|" * (len(labels) + 1)]
     for task in args.tasks.split(","):
-        per = [next(r for r in rows if r["task"] == task and r["label"] == lb)["seconds_per_step"]
-               for lb in labels]
+        per = [statistics.median(r["seconds_per_step"] for r in rows
+                                 if r["task"] == task and r["label"] == lb) for lb in labels]
         lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in per)
                      + f" | {per[-1] / per[0]:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
