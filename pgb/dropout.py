@@ -82,12 +82,14 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    # scale the query (T x D per head) rather than the scores (T x T), and mask in place:
+    # the product's backward needs its inputs only
+    scores = torch.matmul(query * scale, key.transpose(2, 3))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # True: attend
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + attention_mask
+            scores += attention_mask
     probs = apply_dropout(torch.softmax(scores, dim=-1), dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 

@@ -160,17 +160,21 @@ def test_attention_falls_back_to_sdpa_where_it_does_not_apply():
     assert torch.equal(dropped, ref)
 
 
-def test_a_padding_mask_hides_padded_keys():
+@pytest.mark.parametrize("additive", [False, True])
+def test_a_padding_mask_hides_padded_keys(additive):
+    """Boolean masks (True: attend) and additive float masks (large negative: hidden)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     mask[0, :, :, 4:] = False
+    given = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min) \
+        if additive else mask
     module = torch.nn.Module()
     module.train()
-    out, _ = attention(module, q, k, v, mask, dropout=1e-12)
+    out, _ = attention(module, q, k, v, given, dropout=1e-12)
     changed = v.clone()
     changed[0, :, 4:] = 100.0  # values of padded keys must not reach any output
-    again, _ = attention(module, q, k, changed, mask, dropout=1e-12)
+    again, _ = attention(module, q, k, changed, given, dropout=1e-12)
     assert torch.equal(out, again)
     scores = (q @ k.transpose(2, 3)) / 8 ** 0.5
     ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
