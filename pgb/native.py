@@ -1,4 +1,5 @@
-"""The native CPU kernel of grouped layers (``pgb/csrc/grouped_mm_avx2.c``), built on first use.
+"""pgb's native CPU kernels (``pgb/csrc/grouped_mm_avx2.c``), built on first use: the grouped
+layers' matrix product, a column gather, and training's dropout masks (:mod:`pgb.dropout`).
 
 On an x86-64 CPU with AVX2 and FMA, the first grouped layer that asks for it compiles the
 kernel with the system C compiler (``$CC``, else ``cc``) into a cache folder and loads it
