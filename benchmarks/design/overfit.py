@@ -1,9 +1,9 @@
 """Development experiment (see benchmarks/design/README.md): can the one-shot compact
 student fit a single batch? 30 Adam steps (lr from argv, default 1e-4, no dropout, no
-weight decay) on one MRPC training batch of 32, distilling from the teacher; prints the
-loss and the global gradient norm every 5 steps.
+weight decay) on one training batch of 32 of TASK (default MRPC), distilling from the
+teacher; prints the loss and the global gradient norm every 5 steps.
 
-Usage: python benchmarks/design/overfit.py FOLDER[,FOLDER...] [LR]
+Usage: python benchmarks/design/overfit.py FOLDER[,FOLDER...] [LR] [TASK]
 """
 
 import sys
@@ -15,7 +15,7 @@ import pgb
 from pgb.config import TrainConfig
 from pgb.finetune import _optimizer, _step
 
-task, teacher, tok, data = teacher_and_data("mrpc")
+task, teacher, tok, data = teacher_and_data(sys.argv[3] if len(sys.argv) > 3 else "mrpc")
 batch = data.epoch_batches(32, 0)(0)[3]
 lr = float(sys.argv[2]) if len(sys.argv) > 2 else 1e-4
 for folder in sys.argv[1].split(","):
