@@ -51,9 +51,10 @@ def kept_units(oriented: dict[str, np.ndarray], unit: int, count: int) -> np.nda
 
 
 def patterns(oriented: dict[str, np.ndarray], g: int, heads: int | None,
-             head_size: int | None) -> dict[str, float | None]:
+             head_size: int | None, fixed_head_order: bool = False) -> dict[str, float | None]:
     """Kept share of the sublayer's summed scores for each pattern at 1/G of the weights;
-    None where a pattern does not fit the sublayer's sizes."""
+    None where a pattern does not fit the sublayer's sizes. ``fixed_head_order``: heads
+    may not move between bands (MPNet's relative position bias), as in ``pgb compress``."""
     from pgb.grouping import search_sublayer
 
     total = sum(float(s.sum()) for s in oriented.values())
@@ -61,11 +62,12 @@ def patterns(oriented: dict[str, np.ndarray], g: int, heads: int | None,
     out: dict[str, float | None] = {}
     out["unstructured"] = sum(float(np.sort(s.ravel())[::-1][:s.size // g].sum())
                               for s in oriented.values()) / total
-    out["pgb"] = search_sublayer(oriented, g, heads=heads).retained()
-    per = [search_sublayer({r: s}, g, heads=heads) for r, s in oriented.items()]
+    fixed = {"heads": heads, "fixed_head_order": fixed_head_order}
+    out["pgb"] = search_sublayer(oriented, g, **fixed).retained()
+    per = [search_sublayer({r: s}, g, **fixed) for r, s in oriented.items()]
     out["pgb-per-matrix"] = sum(sum(float(b.sum()) for b in p.block_scores.values())
                                 for p in per) / total
-    out["contiguous"] = search_sublayer(oriented, g, heads=heads, permute=False).retained()
+    out["contiguous"] = search_sublayer(oriented, g, **fixed, permute=False).retained()
     unit = head_size if heads else 1
     units = heads if heads else n
     for m in (1, 2, 4):
@@ -83,6 +85,7 @@ def patterns(oriented: dict[str, np.ndarray], g: int, heads: int | None,
         if len(keep) % m or h % m:
             out[name] = None
             continue
+        # the kept heads' bands; their order is free (a fixed order binds all 12 heads)
         out[name] = search_sublayer(sub, m, heads=count if heads else None).retained() * \
             sum(float(s.sum()) for s in sub.values()) / total
     return out
@@ -92,7 +95,7 @@ def measure(task_name: str, model_dir: str, data_dir: str, groups: list[int],
             calib: int, seed: int) -> dict:
     import torch
 
-    from pgb.arch import SUBLAYERS, dims_of
+    from pgb.arch import SUBLAYERS, dims_of, get_arch
     from pgb.config import CompressConfig
     from pgb.grouping import orient
     from pgb.importance import importance_scores
@@ -109,14 +112,15 @@ def measure(task_name: str, model_dir: str, data_dir: str, groups: list[int],
     scores = importance_scores(teacher, batches, "fisher", progress=False)
     scores = {k: s / s.mean().clamp_min(1e-30) for k, s in scores.items()}  # as compress
     fisher_s = time.perf_counter() - start
-    d = dims_of(teacher)
+    d, fixed = dims_of(teacher), get_arch(teacher).fixed_head_order
     rows = []
     for layer in range(d.layers):
         for kind in SUBLAYERS:
             oriented = {r: orient(r, scores[f"{layer}.{r}"].numpy()) for r in SUBLAYERS[kind]}
             heads = d.heads if kind == "attn" else None
             for g in groups:
-                share = patterns(oriented, g, heads, d.hidden // d.heads if heads else None)
+                share = patterns(oriented, g, heads, d.hidden // d.heads if heads else None,
+                                 fixed)
                 mass = sum(float(s.sum()) for s in oriented.values())
                 rows.append({"layer": layer, "kind": kind, "groups": g, "mass": mass,
                              "retained": share})
