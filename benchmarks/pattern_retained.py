@@ -16,12 +16,13 @@ matrices of a sublayer, as the allocator sees it) measured for several ways of k
 - ``units+pgbM``: M/G of the units kept, then grouped into M diagonal blocks (a hybrid
   that no pgb method implements; attention only where the kept dims split into M bands).
 
-Writes ``--json`` and ``--md``. Usage (2 threads, about a minute per task)::
+Writes ``--json`` and ``--md``. Usage (2 threads; MiniLM-L6 about a minute per task, the
+Fisher pass of a base-size model about 4 minutes)::
 
     python benchmarks/pattern_retained.py --task mrpc --model runs/teachers/mrpc \\
-        --task stsb --model runs/teachers/stsb --groups 2,8 \\
-        --json benchmarks/results/design/pattern_retained.json \\
-        --md benchmarks/results/design/pattern_retained.md
+        --task stsb --model runs/teachers/stsb --groups 2,4,8,12 \\
+        --json benchmarks/results/design/pattern_retained/pattern_retained.json \\
+        --md benchmarks/results/design/pattern_retained/pattern_retained.md
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def patterns(oriented: dict[str, np.ndarray], g: int, heads: int | None,
         if len(keep) % m or h % m:
             out[name] = None
             continue
-        # the kept heads' bands; their order is free (a fixed order binds all 12 heads)
+        # a hypothetical pattern: the kept heads are grouped in any order
         out[name] = search_sublayer(sub, m, heads=count if heads else None).retained() * \
             sum(float(s.sum()) for s in sub.values()) / total
     return out
@@ -93,24 +94,22 @@ def patterns(oriented: dict[str, np.ndarray], g: int, heads: int | None,
 
 def measure(task_name: str, model_dir: str, data_dir: str, groups: list[int],
             calib: int, seed: int) -> dict:
-    import torch
-
     from pgb.arch import SUBLAYERS, dims_of, get_arch
     from pgb.config import CompressConfig
     from pgb.grouping import orient
-    from pgb.importance import importance_scores
     from pgb.modeling import load_task_model
+    from pgb.pipeline import _scores
     from pgb.taskdata import TaskData
     from pgb.tasks import get_task
 
     task = get_task(task_name)
     teacher, tok, _ = load_task_model(model_dir, task)
-    cfg = CompressConfig(sparsity=0.5, calib_samples=calib, seed=seed)
+    # compensate=False: the scores alone, without recording the teacher's activations
+    cfg = CompressConfig(sparsity=0.5, calib_samples=calib, seed=seed, compensate=False)
     data = TaskData(task, tok, data_dir)
     batches = data.calibration(cfg.calib_samples, cfg.calib_batch_size, cfg.seed)
     start = time.perf_counter()
-    scores = importance_scores(teacher, batches, "fisher", progress=False)
-    scores = {k: s / s.mean().clamp_min(1e-30) for k, s in scores.items()}  # as compress
+    scores, _ = _scores(teacher, batches, cfg, progress=False)  # mean-scaled, as compress
     fisher_s = time.perf_counter() - start
     d, fixed = dims_of(teacher), get_arch(teacher).fixed_head_order
     rows = []
@@ -118,14 +117,13 @@ def measure(task_name: str, model_dir: str, data_dir: str, groups: list[int],
         for kind in SUBLAYERS:
             oriented = {r: orient(r, scores[f"{layer}.{r}"].numpy()) for r in SUBLAYERS[kind]}
             heads = d.heads if kind == "attn" else None
+            mass = sum(float(s.sum()) for s in oriented.values())
             for g in groups:
                 share = patterns(oriented, g, heads, d.hidden // d.heads if heads else None,
                                  fixed)
-                mass = sum(float(s.sum()) for s in oriented.values())
                 rows.append({"layer": layer, "kind": kind, "groups": g, "mass": mass,
                              "retained": share})
                 print(json.dumps(rows[-1]), flush=True)
-    del torch
     return {"task": task_name, "model": model_dir, "calib_samples": calib, "seed": seed,
             "fisher_seconds": fisher_s, "rows": rows}
 
